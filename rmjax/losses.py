@@ -1,0 +1,188 @@
+"""Reward-model losses: pure functions of arrays (no model, no config, randomness via ``key``).
+
+# B: batch of pairs, L: sequence length, D: model dim, S: sampled states per sequence,
+# G: future states averaged into one goal (goal="avg")
+
+A *loss term* has the signature ``term(out: PairOutputs, key) -> loss | (loss, metrics)``; the
+trainer sums ``weight * loss`` over the terms named in the config (see ``rmjax.objective``), so a
+new term is a function of these arrays and nothing else.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rmjax.models.reward import last_token_index
+
+GOALS = ("random", "avg", "final")
+PAPER_REDUCTIONS = ("mean_log", "log_mean")
+
+
+class PairOutputs(NamedTuple):
+  """One forward pass over a batch of (chosen, rejected) pairs."""
+  reward_chosen_B: jax.Array
+  reward_rejected_B: jax.Array
+  h_chosen_BxLxD: jax.Array  # last-layer hidden states, fp32
+  h_rejected_BxLxD: jax.Array
+  mask_chosen_BxL: jax.Array  # 1 = real token (prompt or response), 0 = pad
+  mask_rejected_BxL: jax.Array
+  response_chosen_BxL: jax.Array  # 1 = response token (where states may be sampled)
+  response_rejected_BxL: jax.Array
+  margin_B: jax.Array  # per-pair Bradley-Terry margin (zeros when unused)
+
+
+# --- Bradley-Terry ---
+
+def bradley_terry_loss(reward_chosen_B, reward_rejected_B, margin_B=None) -> jax.Array:
+  """Mean of ``-log σ(r_c - r_r - margin)``."""
+  diff_B = reward_chosen_B - reward_rejected_B
+  if margin_B is not None:
+    diff_B = diff_B - margin_B
+  return jnp.mean(jax.nn.softplus(-diff_B))
+
+
+def pair_metrics(reward_chosen_B, reward_rejected_B) -> dict[str, jax.Array]:
+  """Pairwise accuracy (ties count half) and mean reward margin."""
+  diff_B = reward_chosen_B - reward_rejected_B
+  acc_B = jnp.where(diff_B > 0, 1.0, jnp.where(diff_B == 0, 0.5, 0.0))
+  return {"pairwise_accuracy": jnp.mean(acc_B), "reward_margin": jnp.mean(diff_B)}
+
+
+# --- state sampling for the contrastive term ---
+
+def _uniform_index(key, allowed_XxL, num: int) -> jax.Array:
+  """``num`` positions drawn uniformly from the allowed ones of each row: shape (num, *X)."""
+  logits = jnp.where(allowed_XxL, 0.0, -jnp.inf)
+  return jax.random.categorical(key, logits, axis=-1, shape=(num,) + allowed_XxL.shape[:-1])
+
+
+def _gather(h_BxLxD, idx_BxN):
+  return jnp.take_along_axis(h_BxLxD, idx_BxN[..., None], axis=1)
+
+
+def sample_state_indices(key, response_chosen_BxL, response_rejected_BxL, last_chosen_B, *,
+                         num_samples: int, goal: str, num_goal_samples: int = 4):
+  """Positions of source, goal and negative states.
+
+  Sources and goals come from the chosen response with source < goal strictly; negatives come from
+  the rejected response. Returns ``src_BxS``, ``goal_BxSxG`` (G = 1 unless ``goal="avg"``),
+  ``neg_BxS`` and ``valid_BxS`` (False for a pair whose chosen response cannot hold a source
+  before a goal, or whose rejected response is empty).
+  """
+  if goal not in GOALS:
+    raise ValueError(f"goal={goal!r}: expected one of {GOALS}")
+  k_src, k_goal, k_neg = jax.random.split(key, 3)
+  b, l = response_chosen_BxL.shape
+  pos_L = jnp.arange(l)
+  resp_BxL = response_chosen_BxL.astype(bool)
+  if goal == "final":
+    end_B = last_chosen_B
+  else:
+    end_B = jnp.max(jnp.where(resp_BxL, pos_L, -1), axis=1)  # last response position
+  src_ok_BxL = resp_BxL & (pos_L < end_B[:, None])
+  src_BxS = _uniform_index(k_src, src_ok_BxL, num_samples).T
+  if goal == "final":
+    goal_BxSxG = jnp.broadcast_to(last_chosen_B[:, None, None], (b, num_samples, 1))
+  else:
+    goal_ok_BxSxL = resp_BxL[:, None, :] & (pos_L > src_BxS[..., None])
+    g = num_goal_samples if goal == "avg" else 1
+    goal_BxSxG = jnp.moveaxis(_uniform_index(k_goal, goal_ok_BxSxL, g), 0, -1)
+  neg_ok_BxL = response_rejected_BxL.astype(bool)
+  neg_BxS = _uniform_index(k_neg, neg_ok_BxL, num_samples).T
+  valid_B = jnp.any(src_ok_BxL, axis=1) & jnp.any(neg_ok_BxL, axis=1)
+  return src_BxS, goal_BxSxG, neg_BxS, jnp.broadcast_to(valid_B[:, None], src_BxS.shape)
+
+
+def gather_states(h_chosen_BxLxD, h_rejected_BxLxD, src_BxS, goal_BxSxG, neg_BxS):
+  """Hidden states at sampled positions; a multi-state goal is their mean."""
+  b, s, g = goal_BxSxG.shape
+  h_goal_BxSxD = _gather(h_chosen_BxLxD, goal_BxSxG.reshape(b, s * g)).reshape(b, s, g, -1)
+  return (_gather(h_chosen_BxLxD, src_BxS), h_goal_BxSxD.mean(axis=2),
+          _gather(h_rejected_BxLxD, neg_BxS))
+
+
+# --- contrastive losses ---
+
+def cosine(a_XxD, b_XxD, eps: float = 1e-8) -> jax.Array:
+  """Cosine similarity along the last axis (as ``torch.cosine_similarity``)."""
+  norms = jnp.linalg.norm(a_XxD, axis=-1) * jnp.linalg.norm(b_XxD, axis=-1)
+  return jnp.sum(a_XxD * b_XxD, axis=-1) / jnp.maximum(norms, eps)
+
+
+def _masked_mean(x, w):
+  return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def contrastive_paper_loss(h_src_BxSxD, h_goal_BxSxD, h_neg_BxSxD, valid_BxS, *,
+                           temperature: float = 1.0, reduction: str = "mean_log") -> jax.Array:
+  """The paper's binary contrastive loss on cosine similarities.
+
+  ``mean_log`` (default): mean over valid samples of ``-log σ(cos⁺/τ) - log(1 - σ(cos⁻/τ))``.
+  ``log_mean``: the official implementation's reduction, ``-log mean σ(cos⁺/τ) -
+  log(1 - mean σ(cos⁻/τ))`` over the whole batch (kept to reproduce its numbers).
+  """
+  pos_BxS = cosine(h_src_BxSxD, h_goal_BxSxD) / temperature
+  neg_BxS = cosine(h_neg_BxSxD, h_goal_BxSxD) / temperature
+  w_BxS = valid_BxS.astype(pos_BxS.dtype)
+  if reduction == "mean_log":
+    return _masked_mean(jax.nn.softplus(-pos_BxS) + jax.nn.softplus(neg_BxS), w_BxS)
+  if reduction == "log_mean":
+    return (-jnp.log(_masked_mean(jax.nn.sigmoid(pos_BxS), w_BxS))
+            - jnp.log1p(-_masked_mean(jax.nn.sigmoid(neg_BxS), w_BxS)))
+  raise ValueError(f"reduction={reduction!r}: expected one of {PAPER_REDUCTIONS}")
+
+
+def contrastive_infonce_loss(h_src_BxSxD, h_goal_BxSxD, h_neg_BxSxD, valid_BxS, *,
+                             temperature: float = 0.1) -> jax.Array:
+  """InfoNCE with in-batch negatives over the whole (global) batch.
+
+  For source state (i, s) the positive is its own goal g[i, s]; the negatives are the goals of
+  every *other* sequence j != i (all their samples) and the rejected states of pair i. Other goals
+  of sequence i are excluded: they are futures of the same trajectory, not negatives.
+  Under jit on a sharded batch the B x B similarity is global (XLA gathers across devices).
+  """
+  b, s, _ = h_src_BxSxD.shape
+  normalise = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-8)
+  src, goal, neg = normalise(h_src_BxSxD), normalise(h_goal_BxSxD), normalise(h_neg_BxSxD)
+  sim_goal_BxSxBxS = jnp.einsum("isd,jtd->isjt", src, goal) / temperature
+  sim_neg_BxSxS = jnp.einsum("isd,itd->ist", src, neg) / temperature
+  eye_B = jnp.eye(b, dtype=bool)
+  other_seq_BxSxBxS = ~eye_B[:, None, :, None] & valid_BxS[None, None, :, :]
+  own_BxSxBxS = eye_B[:, None, :, None] & jnp.eye(s, dtype=bool)[None, :, None, :]
+  allowed = jnp.concatenate([(other_seq_BxSxBxS | own_BxSxBxS).reshape(b, s, b * s),
+                             jnp.broadcast_to(valid_BxS[:, None, :], (b, s, s))], axis=-1)
+  logits = jnp.concatenate([sim_goal_BxSxBxS.reshape(b, s, b * s), sim_neg_BxSxS], axis=-1)
+  lse_BxS = jax.nn.logsumexp(jnp.where(allowed, logits, -jnp.inf), axis=-1)
+  pos_BxS = jnp.einsum("isd,isd->is", src, goal) / temperature
+  return _masked_mean(lse_BxS - pos_BxS, valid_BxS.astype(pos_BxS.dtype))
+
+
+# --- loss terms (the trainer's interface) ---
+
+def bt_term(out: PairOutputs, key=None) -> jax.Array:
+  del key
+  return bradley_terry_loss(out.reward_chosen_B, out.reward_rejected_B, out.margin_B)
+
+
+def contrastive_term(out: PairOutputs, key, *, mode: str = "paper", goal: str = "random",
+                     num_samples: int = 16, num_goal_samples: int = 4, temperature: float = 1.0,
+                     reduction: str = "mean_log"):
+  """Goal-conditioned contrastive term: samples states, then the ``paper`` or ``infonce`` loss."""
+  last_B = last_token_index(out.mask_chosen_BxL)
+  src, goal_idx, neg, valid_BxS = sample_state_indices(
+      key, out.response_chosen_BxL, out.response_rejected_BxL, last_B, num_samples=num_samples,
+      goal=goal, num_goal_samples=num_goal_samples)
+  h_src, h_goal, h_neg = gather_states(out.h_chosen_BxLxD, out.h_rejected_BxLxD, src, goal_idx,
+                                       neg)
+  if mode == "paper":
+    loss = contrastive_paper_loss(h_src, h_goal, h_neg, valid_BxS, temperature=temperature,
+                                  reduction=reduction)
+  elif mode == "infonce":
+    loss = contrastive_infonce_loss(h_src, h_goal, h_neg, valid_BxS, temperature=temperature)
+  else:
+    raise ValueError(f"contrastive mode={mode!r}: expected 'paper' or 'infonce'")
+  w_BxS = valid_BxS.astype(jnp.float32)
+  return loss, {"cos_pos": _masked_mean(cosine(h_src, h_goal), w_BxS),
+                "cos_neg": _masked_mean(cosine(h_neg, h_goal), w_BxS)}

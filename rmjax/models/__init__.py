@@ -1,0 +1,2 @@
+from rmjax.models.llama import Llama, LlamaConfig
+from rmjax.models.reward import RewardModel, last_token_index

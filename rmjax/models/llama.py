@@ -1,0 +1,152 @@
+"""Llama-family decoder in Flax NNX (Llama, Mistral, Qwen2-style QKV bias, SmolLM2).
+
+# B: batch, L: sequence length, D: model dim, N: query heads, K: kv heads, H: head dim, F: mlp dim
+
+Numerics follow Hugging Face ``transformers`` (RoPE with the rotate-half layout, RMSNorm in fp32),
+so imported checkpoints reproduce its hidden states.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  vocab_size: int = 256
+  dim: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int | None = None  # default dim // num_heads
+  mlp_dim: int = 256
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  qkv_bias: bool = False  # Qwen2
+  tie_embeddings: bool = True
+  param_dtype: str = "float32"
+  dtype: str = "float32"  # compute dtype: float32 or bfloat16
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
+                       f"num_kv_heads={self.num_kv_heads}")
+    for f in ("param_dtype", "dtype"):
+      if getattr(self, f) not in DTYPES:
+        raise ValueError(f"model.{f}={getattr(self, f)!r}: expected one of {sorted(DTYPES)}")
+
+  @property
+  def hd(self) -> int:
+    return self.head_dim or self.dim // self.num_heads
+
+
+def _linear(cfg: LlamaConfig, n_in: int, n_out: int, axes, rngs, *, bias=False):
+  init = nnx.initializers.normal(0.02)
+  return nnx.Linear(n_in, n_out, use_bias=bias, dtype=DTYPES[cfg.dtype],
+                    param_dtype=DTYPES[cfg.param_dtype],
+                    kernel_init=nnx.with_partitioning(init, axes),
+                    bias_init=nnx.with_partitioning(nnx.initializers.zeros, axes[1:]), rngs=rngs)
+
+
+def _rmsnorm(cfg: LlamaConfig, rngs):
+  return nnx.RMSNorm(cfg.dim, epsilon=cfg.norm_eps, dtype=jnp.float32,
+                     param_dtype=DTYPES[cfg.param_dtype],
+                     scale_init=nnx.with_partitioning(nnx.initializers.ones, ("norm",)),
+                     rngs=rngs)
+
+
+def rope(x_BxLxNxH: jax.Array, pos_BxL: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, rotate-half layout (as Hugging Face Llama)."""
+  h = x_BxLxNxH.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  ang_BxLxH = jnp.concatenate([pos_BxL[..., None] * inv_freq] * 2, axis=-1)[:, :, None, :]
+  x = x_BxLxNxH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x * jnp.cos(ang_BxLxH) + rotated * jnp.sin(ang_BxLxH)).astype(x_BxLxNxH.dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.hd
+    self.q = _linear(cfg, cfg.dim, n * h, ("embed", "heads"), rngs, bias=cfg.qkv_bias)
+    self.k = _linear(cfg, cfg.dim, k * h, ("embed", "kv_heads"), rngs, bias=cfg.qkv_bias)
+    self.v = _linear(cfg, cfg.dim, k * h, ("embed", "kv_heads"), rngs, bias=cfg.qkv_bias)
+    self.o = _linear(cfg, n * h, cfg.dim, ("heads", "embed"), rngs)
+
+  def __call__(self, x_BxLxD, pos_BxL, mask_BxLxL):
+    cfg = self.cfg
+    b, l, _ = x_BxLxD.shape
+    q_BxLxNxH = rope(self.q(x_BxLxD).reshape(b, l, cfg.num_heads, cfg.hd), pos_BxL, cfg.rope_theta)
+    k_BxLxKxH = rope(self.k(x_BxLxD).reshape(b, l, cfg.num_kv_heads, cfg.hd), pos_BxL,
+                     cfg.rope_theta)
+    v_BxLxKxH = self.v(x_BxLxD).reshape(b, l, cfg.num_kv_heads, cfg.hd)
+    out_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH,
+                                               mask=mask_BxLxL[:, None])
+    return self.o(out_BxLxNxH.reshape(b, l, cfg.num_heads * cfg.hd))
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.gate = _linear(cfg, cfg.dim, cfg.mlp_dim, ("embed", "mlp"), rngs)
+    self.up = _linear(cfg, cfg.dim, cfg.mlp_dim, ("embed", "mlp"), rngs)
+    self.down = _linear(cfg, cfg.mlp_dim, cfg.dim, ("mlp", "embed"), rngs)
+
+  def __call__(self, x_BxLxD):
+    return self.down(jax.nn.silu(self.gate(x_BxLxD)) * self.up(x_BxLxD))
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = _rmsnorm(cfg, rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = _rmsnorm(cfg, rngs)
+    self.mlp = MLP(cfg, rngs=rngs)
+    self.dtype = DTYPES[cfg.dtype]
+
+  def __call__(self, x_BxLxD, pos_BxL, mask_BxLxL):
+    x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD).astype(self.dtype), pos_BxL, mask_BxLxL)
+    return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD).astype(self.dtype))
+
+
+def positions_and_mask(mask_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """RoPE positions counted over real tokens only, and the causal + padding attention mask.
+
+  Counting positions over real tokens makes a left-padded sequence see exactly the positions of
+  its right-padded twin. Pad queries attend to nothing real; their outputs are never read.
+  """
+  mask_BxL = mask_BxL.astype(bool)
+  pos_BxL = jnp.maximum(jnp.cumsum(mask_BxL, axis=1) - 1, 0).astype(jnp.float32)
+  l = mask_BxL.shape[1]
+  causal_LxL = jnp.tril(jnp.ones((l, l), bool))
+  return pos_BxL, causal_LxL[None] & mask_BxL[:, None, :]
+
+
+class Llama(nnx.Module):
+  """Decoder backbone: tokens -> final-norm hidden states ``h_BxLxD`` (the 'last layer')."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.dim, dtype=DTYPES[cfg.dtype],
+                           param_dtype=DTYPES[cfg.param_dtype],
+                           embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02),
+                                                                ("vocab", "embed")),
+                           rngs=rngs)
+    self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = _rmsnorm(cfg, rngs)
+
+  def __call__(self, tokens_BxL: jax.Array, mask_BxL: jax.Array) -> jax.Array:
+    pos_BxL, mask_BxLxL = positions_and_mask(mask_BxL)
+    x_BxLxD = self.embed(tokens_BxL)
+    for layer in self.layers:
+      x_BxLxD = layer(x_BxLxD, pos_BxL, mask_BxLxL)
+    return self.final_norm(x_BxLxD)

@@ -1,0 +1,213 @@
+"""The training recipe: data, model & optimiser, one pure jitted step, eval, checkpoints, metrics.
+
+# B: batch of pairs, A: gradient-accumulation micro-batches
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from rmjax import objective, sharding
+from rmjax.checkpoint import Checkpointer
+from rmjax.data import sources
+from rmjax.data.pipeline import eval_batches, train_dataset
+from rmjax.eval.metrics import preference_metrics
+from rmjax.models import LlamaConfig, RewardModel
+
+log = logging.getLogger(__name__)
+
+
+# --- model & optimiser ---
+
+def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
+  """AdamW (no decay on vectors), warmup + cosine schedule, global-norm clipping, and
+  ``apply_if_finite``: an update with a non-finite gradient is skipped (params untouched)."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, optim.lr, optim.warmup_steps, max(total_steps, optim.warmup_steps + 1),
+      end_value=optim.lr * optim.final_lr_fraction)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  tx = optax.chain(optax.clip_by_global_norm(optim.clip_norm),
+                   optax.adamw(schedule, b1=optim.b1, b2=optim.b2,
+                               weight_decay=optim.weight_decay, mask=decay_mask))
+  return optax.apply_if_finite(tx, max_consecutive_errors=optim.max_consecutive_nonfinite)
+
+
+def create_state(config):
+  """Model and optimiser, created under the current mesh so parameters are born sharded."""
+  total_steps = config.train.steps
+
+  @nnx.jit
+  def create():
+    model = RewardModel(LlamaConfig(**config.model), rngs=nnx.Rngs(config.seed))
+    return model, nnx.Optimizer(model, make_optimizer(config.optim, total_steps), wrt=nnx.Param)
+
+  return nnx.split(create())
+
+
+def abstract_state(config, mesh):
+  """Shapes, dtypes and shardings of ``create_state``'s state, without allocating it."""
+  graphdef, state = nnx.eval_shape(lambda: create_state(config))
+  shardings = nnx.get_named_sharding(state, mesh)
+  return graphdef, jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+# --- steps ---
+
+def make_train_step(graphdef, terms, *, accum_steps: int, seed: int):
+  """``train_step(state, batch) -> (state, metrics)``: pure; randomness from (seed, step)."""
+  base_key = jax.random.key(seed)
+
+  def train_step(state, batch):
+    model, opt = nnx.merge(graphdef, state)
+    key = jax.random.fold_in(base_key, opt.step[...])
+    model_def, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_fn(params, micro_batch, key):
+      return objective.objective(nnx.merge(model_def, params, rest), micro_batch, key, terms)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum_steps == 1:
+      (_, metrics), grads = grad_fn(params, batch, key)
+    else:
+      # micro-batch a takes rows a, a+A, a+2A, ...: every device keeps an equal share
+      micro = jax.tree.map(
+          lambda x: jnp.swapaxes(x.reshape(-1, accum_steps, *x.shape[1:]), 0, 1), batch)
+
+      def accumulate(grads_sum, xs):
+        micro_batch, a = xs
+        (_, m), g = grad_fn(params, micro_batch, jax.random.fold_in(key, a))
+        return jax.tree.map(jnp.add, grads_sum, g), m
+
+      grads, metrics = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params),
+                                    (micro, jnp.arange(accum_steps)))
+      grads = jax.tree.map(lambda g: g / accum_steps, grads)
+      metrics = jax.tree.map(jnp.mean, metrics)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["skipped"] = (~jnp.isfinite(metrics["grad_norm"])).astype(jnp.int32)
+    opt.update(model, grads)
+    metrics["skipped_total"] = opt.opt_state.total_notfinite[...]
+    return nnx.state((model, opt)), metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef):
+  def eval_step(state, batch):
+    model, _ = nnx.merge(graphdef, state)
+    out = objective.forward_pairs(model, batch)
+    return out.reward_chosen_B, out.reward_rejected_B
+  return eval_step
+
+
+def evaluate(eval_step, state, source, tokenizer, config, mesh, rules) -> dict[str, float]:
+  """Rewards of every held-out pair -> pairwise accuracy and AUROC of reward vs correctness."""
+  chosen, rejected = [], []
+  for batch, n_real in eval_batches(source, tokenizer, global_batch_size=config.train.batch_size,
+                                    max_len=config.data.max_len,
+                                    padding_side=config.data.padding_side):
+    r_c, r_r = eval_step(state, sharding.host_to_global(batch, mesh, rules))
+    chosen.append(np.asarray(jax.device_get(r_c))[:n_real])
+    rejected.append(np.asarray(jax.device_get(r_r))[:n_real])
+  return preference_metrics(np.concatenate(chosen), np.concatenate(rejected))
+
+
+# --- metrics output ---
+
+class MetricsWriter:
+  """``metrics.jsonl`` (one object per logged step) + TensorBoard events; process 0 only."""
+
+  def __init__(self, workdir: str):
+    self.enabled = jax.process_index() == 0
+    if self.enabled:
+      from tensorboardX import SummaryWriter
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    scalars = {k: float(v) for k, v in metrics.items()}
+    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self._jsonl.flush()
+    for k, v in scalars.items():
+      self._tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+# --- the loop ---
+
+def train(config, workdir: str) -> dict[str, float]:
+  """Trains (or resumes the run in ``workdir``) to ``config.train.steps``; returns final eval."""
+  os.makedirs(workdir, exist_ok=True)
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  mesh = sharding.make_mesh(tuple(config.mesh.shape))
+  with sharding.use_mesh(mesh, rules):
+    # --- data ---
+    tokenizer = sources.make_tokenizer(config)
+    data_iter = iter(train_dataset(
+        sources.make_source(config, "train"), tokenizer,
+        global_batch_size=config.train.batch_size, max_len=config.data.max_len,
+        seed=config.seed, padding_side=config.data.padding_side))
+    eval_source = sources.make_source(config, "validation")
+
+    # --- model & optimiser (fresh, or restored with the data position) ---
+    terms = objective.build_terms(config.loss)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
+                        max_to_keep=config.train.keep_checkpoints,
+                        async_save=config.train.async_checkpointing)
+    graphdef, abstract = abstract_state(config, mesh)
+    start, state = ckpt.restore_latest(abstract, data_iter)
+    if state is None:
+      start, (graphdef, state) = 0, create_state(config)
+    else:
+      log.info("resumed %s at step %d", workdir, start)
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    train_step = jax.jit(
+        make_train_step(graphdef, terms, accum_steps=config.train.accum_steps, seed=config.seed),
+        in_shardings=(state_sharding, None), out_shardings=(state_sharding, None),
+        donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(state_sharding, None))
+
+    # --- loop ---
+    writer = MetricsWriter(workdir)
+    steps, every = config.train.steps, config.train
+    final = {}
+    t0 = time.perf_counter()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train",
+               disable=jax.process_index() != 0)
+    for step in bar:
+      batch = sharding.host_to_global(next(data_iter), mesh, rules)
+      state, metrics = train_step(state, batch)
+      done = step + 1
+      if done % every.log_every == 0 or done == steps:
+        scalars = {f"train/{k}": v for k, v in jax.device_get(metrics).items()}
+        scalars["train/steps_per_s"] = (done - start) / (time.perf_counter() - t0)
+        writer.write(done, scalars)
+        bar.set_postfix(loss=f"{scalars['train/loss']:.4f}",
+                        acc=f"{scalars['train/pairwise_accuracy']:.3f}")
+      if done % every.eval_every == 0 or done == steps:
+        final = evaluate(eval_step, state, eval_source, tokenizer, config, mesh, rules)
+        writer.write(done, {f"eval/{k}": v for k, v in final.items()})
+        log.info("step %d eval %s", done, final)
+      if done % every.ckpt_every == 0 or done == steps:
+        ckpt.save(done, state, data_iter)
+    if start >= steps and not final:  # already finished: report eval of the final state
+      final = evaluate(eval_step, state, eval_source, tokenizer, config, mesh, rules)
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  return final
