@@ -24,7 +24,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.data.eval_size = 1024  # held-out pairs (the 'validation' split: disjoint problems)
   c.data.min_steps = 2  # arithmetic steps per problem, at least
   c.data.max_steps = 4  # ... and at most
-  c.data.max_operand = 9  # operands are drawn from 1..max_operand
+  c.data.max_value = 9  # every number written lies in 0..max_value
+  c.data.error_kinds = "carry"  # slips in rejected solutions, comma-separated: carry, copy, arith
   c.data.max_len = 64  # tokens per sequence (prompt + response); prompts are cut from the left
   c.data.padding_side = "right"  # 'right' or 'left': rewards do not depend on it
 

@@ -48,9 +48,15 @@ def create_state(config):
   @nnx.jit
   def create():
     model = RewardModel(LlamaConfig(**config.model), rngs=nnx.Rngs(config.seed))
-    return model, nnx.Optimizer(model, make_optimizer(config.optim, total_steps), wrt=nnx.Param)
+    return {"model": model,
+            "optimizer": nnx.Optimizer(model, make_optimizer(config.optim, total_steps),
+                                       wrt=nnx.Param)}
 
   return nnx.split(create())
+
+
+def unpack(merged: dict):
+  return merged["model"], merged["optimizer"]
 
 
 def abstract_state(config, mesh):
@@ -68,7 +74,7 @@ def make_train_step(graphdef, terms, *, accum_steps: int, seed: int):
   base_key = jax.random.key(seed)
 
   def train_step(state, batch):
-    model, opt = nnx.merge(graphdef, state)
+    model, opt = unpack(nnx.merge(graphdef, state))
     key = jax.random.fold_in(base_key, opt.step[...])
     model_def, params, rest = nnx.split(model, nnx.Param, ...)
 
@@ -92,18 +98,18 @@ def make_train_step(graphdef, terms, *, accum_steps: int, seed: int):
                                     (micro, jnp.arange(accum_steps)))
       grads = jax.tree.map(lambda g: g / accum_steps, grads)
       metrics = jax.tree.map(jnp.mean, metrics)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["skipped"] = (~jnp.isfinite(metrics["grad_norm"])).astype(jnp.int32)
     opt.update(model, grads)
     metrics["skipped_total"] = opt.opt_state.total_notfinite[...]
-    return nnx.state((model, opt)), metrics
+    return nnx.state({"model": model, "optimizer": opt}), metrics
 
   return train_step
 
 
 def make_eval_step(graphdef):
   def eval_step(state, batch):
-    model, _ = nnx.merge(graphdef, state)
+    model, _ = unpack(nnx.merge(graphdef, state))
     out = objective.forward_pairs(model, batch)
     return out.reward_chosen_B, out.reward_rejected_B
   return eval_step

@@ -16,5 +16,6 @@ def make_source(config, split: str):
   if d.name == "synthetic":
     size = d.train_size if split == "train" else d.eval_size
     return SyntheticMath(size, split=split, seed=d.seed, min_steps=d.min_steps,
-                         max_steps=d.max_steps, max_operand=d.max_operand)
+                         max_steps=d.max_steps, max_value=d.max_value,
+                         error_kinds=tuple(d.error_kinds.split(",")))
   raise ValueError(f"data.name={d.name!r}: expected 'synthetic'")

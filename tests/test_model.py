@@ -1,0 +1,94 @@
+"""Reward model: causality, padding-side invariance, last-token reward, head init."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import pytest
+
+from rmjax.models import LlamaConfig, RewardModel, last_token_index
+from tests.helpers import pair_batch
+
+pytestmark = pytest.mark.usefixtures("mesh1")
+
+CFG = LlamaConfig(vocab_size=256, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
+
+
+def model(cfg=CFG, seed=0):
+  return RewardModel(cfg, rngs=nnx.Rngs(seed))
+
+
+def test_last_token_index_right_left_and_no_padding():
+  mask = np.array([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(last_token_index(mask), [2, 4, 4])
+
+
+def test_causality_later_tokens_never_change_earlier_states():
+  m = model()
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, 256, size=(2, 16))
+  mask = np.ones((2, 16), np.int32)
+  _, h = m(tokens, mask)
+  changed = tokens.copy()
+  changed[:, 9:] = rng.integers(1, 256, size=(2, 7))
+  _, h2 = m(changed, mask)
+  np.testing.assert_array_equal(h[:, :9], h2[:, :9])
+  assert not np.allclose(h[:, 9:], h2[:, 9:])
+
+
+def test_rewards_do_not_depend_on_padding_side():
+  m = model()
+  right, left = pair_batch(6, padding_side="right"), pair_batch(6, padding_side="left")
+  r_right, h_right = m(right["tokens"][:, 0], right["mask"][:, 0])
+  r_left, h_left = m(left["tokens"][:, 0], left["mask"][:, 0])
+  np.testing.assert_allclose(r_right, r_left, atol=1e-5)
+  # the real tokens' hidden states agree too
+  for i in range(6):
+    n = right["mask"][i, 0].sum()
+    np.testing.assert_allclose(h_right[i, :n], h_left[i, -n:], atol=1e-5)
+
+
+def test_reward_reads_the_last_real_token_and_ignores_padding():
+  m = model()
+  b = pair_batch(4)
+  tokens, mask = b["tokens"][:, 0], b["mask"][:, 0]
+  r, h = m(tokens, mask)
+  last = mask.sum(1) - 1
+  want = np.asarray(h)[np.arange(4), last] @ np.asarray(m.head.kernel[...])[:, 0]
+  np.testing.assert_allclose(r, want, rtol=1e-5)
+  garbage = np.where(mask == 1, tokens, 77)  # different pad ids: nothing changes
+  np.testing.assert_allclose(m(garbage, mask)[0], r, rtol=1e-6)
+
+
+def test_head_init_scale_and_bf16_compute():
+  cfg = LlamaConfig(vocab_size=256, dim=255, num_layers=1, num_heads=3, num_kv_heads=1,
+                    mlp_dim=32)
+  w = np.asarray(model(cfg).head.kernel[...])
+  assert w.shape == (255, 1)
+  np.testing.assert_allclose(w.std(), 1 / 256, rtol=0.2)  # N(0, std=1/(D+1))
+  bf = LlamaConfig(**{**CFG.__dict__, "dtype": "bfloat16"})
+  b = pair_batch(2)
+  r32, _ = model()(b["tokens"][:, 0], b["mask"][:, 0])
+  r16, h16 = model(bf)(b["tokens"][:, 0], b["mask"][:, 0])
+  assert h16.dtype == jnp.float32  # states handed to the losses are fp32
+  np.testing.assert_allclose(r16, r32, atol=2e-2)
+
+
+def test_gqa_matches_explicit_head_repetition():
+  """K/V heads shared by groups of query heads == MHA with repeated K/V projections."""
+  gqa = model()
+  cfg_mha = LlamaConfig(**{**CFG.__dict__, "num_kv_heads": 4})
+  mha = model(cfg_mha)
+  hd = CFG.dim // CFG.num_heads
+  for blk_g, blk_m in zip(gqa.backbone.layers, mha.backbone.layers):
+    for name in ("k", "v"):
+      w = np.asarray(getattr(blk_g.attn, name).kernel[...]).reshape(CFG.dim, 2, hd)
+      getattr(blk_m.attn, name).kernel[...] = jnp.asarray(
+          np.repeat(w, 2, axis=1).reshape(CFG.dim, 4 * hd))
+  shared = dict(nnx.to_flat_state(nnx.state(gqa, nnx.Param)))
+  for path, var in nnx.to_flat_state(nnx.state(mha, nnx.Param)):
+    if path[-2] not in ("k", "v"):
+      var[...] = shared[path][...]
+  b = pair_batch(3)
+  np.testing.assert_allclose(gqa(b["tokens"][:, 0], b["mask"][:, 0])[0],
+                             mha(b["tokens"][:, 0], b["mask"][:, 0])[0], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,54 @@
+"""The 8-device (data=2, fsdp=2, tensor=2) mesh computes what one device computes."""
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from rmjax import objective, sharding, train
+from tests.helpers import pair_batch, tiny_config
+
+
+def loss_and_grads(mesh_shape, variant, devices):
+  config = tiny_config(variant)
+  config.model.num_heads, config.model.num_kv_heads = 4, 2  # tensor-shardable head counts
+  mesh = sharding.make_mesh(mesh_shape, devices)
+  with sharding.use_mesh(mesh):
+    graphdef, state = train.create_state(config)
+    terms = objective.build_terms(config.loss)
+    batch = sharding.host_to_global(pair_batch(8, max_len=config.data.max_len), mesh)
+
+    @jax.jit
+    def f(state, batch):
+      model, _ = train.unpack(nnx.merge(graphdef, state))
+      model_def, params, rest = nnx.split(model, nnx.Param, ...)
+      loss_fn = lambda p: objective.objective(nnx.merge(model_def, p, rest), batch,
+                                              jax.random.key(3), terms)
+      return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    (loss, metrics), grads = f(state, batch)
+    kernel = state["model"]["backbone"]["layers"][0]["mlp"]["gate"]["kernel"][...]
+    return jax.device_get((loss, metrics, grads)), (kernel.sharding.spec,
+                                                    len(kernel.sharding.device_set))
+
+
+@pytest.mark.parametrize("variant", ["paper", "infonce"])
+def test_eight_device_mesh_matches_one_device(variant):
+  assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
+  (l1, m1, g1), spec1 = loss_and_grads((1, 1, 1), variant, jax.devices()[:1])
+  (l8, m8, g8), spec8 = loss_and_grads((2, 2, 2), variant, jax.devices())
+  assert spec8 == (P("fsdp", "tensor"), 8)  # really sharded over the 8 devices
+  np.testing.assert_allclose(l8, l1, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(m8["contrastive_loss"], m1["contrastive_loss"], rtol=1e-5)
+  flat1, flat8 = jax.tree.leaves(g1), jax.tree.leaves(g8)
+  assert len(flat1) == len(flat8) > 10
+  for a, b in zip(flat1, flat8):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_make_mesh_fills_minus_one_and_rejects_bad_shapes():
+  assert sharding.make_mesh((-1, 2, 1)).devices.shape == (4, 2, 1)
+  with pytest.raises(ValueError, match="does not divide"):
+    sharding.make_mesh((-1, 3, 1))
+  with pytest.raises(ValueError, match="needs 4 devices"):
+    sharding.make_mesh((2, 2, 1), jax.devices()[:2])
