@@ -75,7 +75,9 @@ def test_gradient_accumulation_matches_one_big_batch(mesh1):
   np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-5)
   np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(s1["model"]), jax.tree.leaves(s4["model"])):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # Adam step ~ lr = 1e-3
+    # Adam's first step is ~lr * sign(g): a near-zero gradient entry can move by up to lr, so
+    # agreement is asked to 1% of lr
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=0.01 * config.optim.lr)
 
 
 def test_non_finite_update_is_skipped_and_counted(mesh1):
