@@ -164,6 +164,9 @@ def train(config, workdir: str) -> dict[str, float]:
   with sharding.use_mesh(mesh, rules):
     # --- data ---
     tokenizer = sources.make_tokenizer(config)
+    if tokenizer.vocab_size > config.model.vocab_size:
+      raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
+                       f"tokenizer's vocabulary ({tokenizer.vocab_size})")
     data_iter = iter(train_dataset(
         sources.make_source(config, "train"), tokenizer,
         global_batch_size=config.train.batch_size, max_len=config.data.max_len,
@@ -190,7 +193,7 @@ def train(config, workdir: str) -> dict[str, float]:
 
     # --- loop ---
     writer = MetricsWriter(workdir)
-    steps, every = config.train.steps, config.train
+    steps, every = config.train.steps, config.train  # every.log_every, every.eval_every, ...
     final = {}
     t0 = time.perf_counter()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train",
@@ -216,4 +219,7 @@ def train(config, workdir: str) -> dict[str, float]:
     ckpt.wait()
     ckpt.close()
     writer.close()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump({"step": steps, **final}, f, indent=2)
   return final
