@@ -193,7 +193,7 @@ def train(config, workdir: str) -> dict[str, float]:
 
     # --- loop ---
     writer = MetricsWriter(workdir)
-    steps, every = config.train.steps, config.train  # every.log_every, every.eval_every, ...
+    steps, cfg = config.train.steps, config.train
     final = {}
     t0 = time.perf_counter()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train",
@@ -202,17 +202,17 @@ def train(config, workdir: str) -> dict[str, float]:
       batch = sharding.host_to_global(next(data_iter), mesh, rules)
       state, metrics = train_step(state, batch)
       done = step + 1
-      if done % every.log_every == 0 or done == steps:
+      if done % cfg.log_every == 0 or done == steps:
         scalars = {f"train/{k}": v for k, v in jax.device_get(metrics).items()}
         scalars["train/steps_per_s"] = (done - start) / (time.perf_counter() - t0)
         writer.write(done, scalars)
         bar.set_postfix(loss=f"{scalars['train/loss']:.4f}",
                         acc=f"{scalars['train/pairwise_accuracy']:.3f}")
-      if done % every.eval_every == 0 or done == steps:
+      if done % cfg.eval_every == 0 or done == steps:
         final = evaluate(eval_step, state, eval_source, tokenizer, config, mesh, rules)
         writer.write(done, {f"eval/{k}": v for k, v in final.items()})
         log.info("step %d eval %s", done, final)
-      if done % every.ckpt_every == 0 or done == steps:
+      if done % cfg.ckpt_every == 0 or done == steps:
         ckpt.save(done, state, data_iter)
     if start >= steps and not final:  # already finished: report eval of the final state
       final = evaluate(eval_step, state, eval_source, tokenizer, config, mesh, rules)

@@ -14,6 +14,8 @@ from flax import nnx
 
 from rmjax import objective, sharding, train
 from rmjax.checkpoint import Checkpointer
+from rmjax.data import sources
+from rmjax.data.pipeline import train_dataset
 from tests.helpers import pair_batch, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,8 +39,8 @@ def final_params(workdir, config):
   with sharding.use_mesh(mesh):
     _, abstract = train.abstract_state(config, mesh)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    data_iter = iter(train.train_dataset(
-        train.sources.make_source(config, "train"), train.sources.make_tokenizer(config),
+    data_iter = iter(train_dataset(
+        sources.make_source(config, "train"), sources.make_tokenizer(config),
         global_batch_size=config.train.batch_size, max_len=config.data.max_len, seed=0))
     step, state = ckpt.restore_latest(abstract, data_iter)
     ckpt.close()
