@@ -53,16 +53,20 @@ def encode_pair(example: dict, tokenizer, max_len: int, padding_side: str = "rig
 
 def train_dataset(source, tokenizer, *, global_batch_size: int, max_len: int, seed: int,
                   padding_side: str = "right") -> grain.MapDataset:
-  """Infinite, reshuffled each epoch, this process's share of every global batch."""
+  """Infinite, reshuffled each epoch, this process's share of every global batch.
+
+  Process p takes the p-th contiguous block of each global batch, the rows its devices hold in
+  the global array, so the global batch (and its row order) does not depend on the process count.
+  """
   n_proc = jax.process_count()
   if global_batch_size % n_proc:
     raise ValueError(f"batch_size={global_batch_size} is not divisible by {n_proc} processes")
   return (grain.MapDataset.source(source)
           .shuffle(seed=seed)
           .repeat()
-          [jax.process_index()::n_proc]
           .map(lambda ex: encode_pair(ex, tokenizer, max_len, padding_side))
-          .batch(global_batch_size // n_proc, drop_remainder=True))
+          .batch(global_batch_size // n_proc, drop_remainder=True)
+          [jax.process_index()::n_proc])
 
 
 def eval_batches(source, tokenizer, *, global_batch_size: int, max_len: int,
