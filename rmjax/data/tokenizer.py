@@ -1,5 +1,40 @@
-"""Tokenisers behind one tiny interface: ``encode(text) -> list[int]``, ``pad_id``, ``vocab_size``."""
+"""Tokenisers behind one interface, and ``load_tokenizer(spec)`` to pick one.
+
+Both give ``encode(text) -> list[int]`` (no special tokens), ``decode(ids)``, ``pad_id``,
+``vocab_size``, ``encode_prompt_response(prompt, response)`` and ``encode_messages(messages)``;
+the last two return ``(prompt_ids, response_ids)`` ready for ``pipeline.encode_sequence``.
+
+* ``ByteTokenizer``: UTF-8 bytes (the demo); adds no special token anywhere.
+* ``HFTokenizer``: a ``transformers`` tokenizer from an HF folder or a ``.gguf`` file. The prompt
+  starts with BOS when the tokenizer adds one by default, and every response ends with EOS: the
+  reward is read at the final token, the paper's EOS.
+"""
 from __future__ import annotations
+
+import os
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_messages(messages) -> None:
+  """Raises ValueError unless ``messages`` is a chat ending with a non-empty assistant turn."""
+  if not isinstance(messages, list) or len(messages) < 2:
+    raise ValueError("messages: expected a list of at least 2 {'role', 'content'} dicts")
+  for i, m in enumerate(messages):
+    if not isinstance(m, dict) or set(m) < {"role", "content"}:
+      raise ValueError(f"messages[{i}]: expected a dict with 'role' and 'content', got {m!r:.80}")
+    if m["role"] not in ROLES:
+      raise ValueError(f"messages[{i}]: role {m['role']!r} is not one of {ROLES}")
+    if not isinstance(m["content"], str):
+      raise ValueError(f"messages[{i}]: content must be a string")
+  if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
+    raise ValueError("messages: the last turn must be a non-empty 'assistant' turn (the response)")
+
+
+def plain_chat(messages) -> tuple[str, str]:
+  """Chat without a template: ``"role: content"`` turns, one per line; returns (prompt, response)."""
+  prompt = "".join(f"{m['role']}: {m['content']}\n" for m in messages[:-1]) + "assistant:"
+  return prompt, " " + messages[-1]["content"]
 
 
 class ByteTokenizer:
@@ -15,3 +50,67 @@ class ByteTokenizer:
 
   def decode(self, ids) -> str:
     return bytes(int(i) for i in ids if i != self.pad_id).decode("utf-8", errors="replace")
+
+  def encode_prompt_response(self, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    return self.encode(prompt), self.encode(response)
+
+  def encode_messages(self, messages) -> tuple[list[int], list[int]]:
+    check_messages(messages)
+    return self.encode_prompt_response(*plain_chat(messages))
+
+
+class HFTokenizer:
+  """A ``transformers`` tokenizer: ``path`` is an HF folder or a ``.gguf`` file."""
+
+  def __init__(self, path: str):
+    from transformers import AutoTokenizer
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"tokenizer {path!r}: no such folder or .gguf file")
+    if path.endswith(".gguf"):
+      self.hf = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                              gguf_file=os.path.basename(path))
+    else:
+      self.hf = AutoTokenizer.from_pretrained(path)
+    self.eos_id = self.hf.eos_token_id
+    if self.eos_id is None:
+      raise ValueError(f"tokenizer {path!r} has no EOS token (the reward is read at EOS)")
+    self.pad_id = self.hf.pad_token_id if self.hf.pad_token_id is not None else self.eos_id
+    self.vocab_size = len(self.hf)
+    # Special tokens the tokenizer puts before a text by default (BOS for Llama-style ones).
+    plain, with_special = self.encode("a"), self.hf("a").input_ids
+    start = next((i for i in range(len(with_special)) if with_special[i:i + len(plain)] == plain),
+                 None)
+    if start is None:
+      raise ValueError(f"tokenizer {path!r}: cannot tell which special tokens it adds by default")
+    self.prefix_ids = with_special[:start]
+
+  def encode(self, text: str) -> list[int]:
+    return self.hf(text, add_special_tokens=False).input_ids
+
+  def decode(self, ids) -> str:
+    return self.hf.decode([int(i) for i in ids])
+
+  def encode_prompt_response(self, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    return self.prefix_ids + self.encode(prompt), self.encode(response) + [self.eos_id]
+
+  def encode_messages(self, messages) -> tuple[list[int], list[int]]:
+    """Renders the chat template (if any): prompt = earlier turns + the generation prompt,
+    response = the rest of the full rendering, trailing whitespace cut, ending with EOS."""
+    check_messages(messages)
+    if not self.hf.chat_template:
+      return self.encode_prompt_response(*plain_chat(messages))
+    prompt = self.hf.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = self.hf.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+      raise ValueError("chat template: the rendered prompt is not a prefix of the rendered chat; "
+                       "use prompt/response text instead of messages with this tokenizer")
+    response_ids = self.encode(full[len(prompt):].rstrip())
+    if response_ids[-1:] != [self.eos_id]:
+      response_ids.append(self.eos_id)
+    return self.encode(prompt), response_ids
+
+
+def load_tokenizer(spec: str):
+  """``"byte"`` -> ``ByteTokenizer``; otherwise a path to an HF tokenizer folder or ``.gguf``."""
+  return ByteTokenizer() if spec == "byte" else HFTokenizer(spec)
