@@ -1,0 +1,240 @@
+"""Evaluate a trained reward model: ``eval.json``, ``eval.md`` and PNG plots.
+
+  python -m rmjax.evaluate --checkpoint=runs/demo --config=configs/synthetic.py [--out=DIR]
+
+``--checkpoint`` is a workdir (its newest checkpoint), its ``checkpoints/`` folder, or one step
+folder (``runs/demo/checkpoints/1500``). Over the held-out (``validation``) pairs, the chosen
+response counts as a correct solution and the rejected one as incorrect, grouped by pair
+(problem). Computed: pairwise accuracy, AUROC of reward vs correctness with a bootstrap interval
+resampled by problem, the goal state (saved as ``goal.npy`` in the step folder) from the chosen
+responses of the first ``--goal_examples`` *training* pairs, Q_t traces, and error localisation
+(``rmjax.eval.localize``) against ``error_char`` when the data records it. Majority voting needs
+several sampled solutions per problem with final answers (``rmjax.eval.voting``); pair data has
+one correct and one incorrect per problem, so eval.json says it was skipped.
+
+# N: sequences, L: sequence length, D: model dim
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from tqdm import tqdm
+
+from rmjax import sharding
+from rmjax.checkpoint import Checkpointer
+from rmjax.data import sources
+from rmjax.data.pipeline import encode_pair
+from rmjax.eval import goal as goal_lib, localize, plots
+from rmjax.eval.metrics import auroc, auroc_ci, markdown_table, preference_metrics
+from rmjax.train import abstract_state, unpack
+
+VOTING_SKIPPED = ("pair data has one correct and one incorrect solution per problem, not several "
+                  "sampled solutions with final answers; see rmjax.eval.voting")
+
+
+# --- model ---
+
+def resolve_checkpoint(path: str) -> tuple[str, int | None, str]:
+  """``(checkpoint manager folder, step or None for the newest, workdir)`` for ``path``."""
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"--checkpoint={path}: no such folder")
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return os.path.join(path, "checkpoints"), None, path
+  if os.path.basename(path).isdigit():
+    parent = os.path.dirname(path)
+    return parent, int(os.path.basename(path)), os.path.dirname(parent)
+  return path, None, os.path.dirname(path)
+
+
+def restore(config, mesh, path: str):
+  """``(step, step folder, graphdef, state)``: the model (and optimiser) state, sharded."""
+  directory, step, _ = resolve_checkpoint(path)
+  ckpt = Checkpointer(directory, async_save=False)
+  step = ckpt.manager.latest_step() if step is None else step
+  if step is None or step not in ckpt.manager.all_steps():
+    raise FileNotFoundError(f"{directory}: no checkpoint{'' if step is None else f' {step}'}")
+  graphdef, abstract = abstract_state(config, mesh)
+  restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract)))
+  ckpt.close()
+  return step, os.path.join(directory, str(step)), graphdef, restored["state"]
+
+
+def make_forward(graphdef):
+  """``forward(state, batch, goal_D)`` over single sequences ``batch = {tokens, mask}_NxL``:
+  reward, final-token state, ``Q_t`` and the reward of every prefix (the head on each ``h_t``)."""
+
+  def forward(state, batch, goal_D):
+    model, _ = unpack(nnx.merge(graphdef, state))
+    reward_N, h_NxLxD = model(batch["tokens"], batch["mask"])
+    return {"reward": reward_N,
+            "h_final": goal_lib.final_token_states(h_NxLxD, batch["mask"]),
+            "q": goal_lib.q_values(h_NxLxD, goal_D, batch["mask"]),
+            "prefix_reward": model.head(h_NxLxD)[..., 0]}
+  return forward
+
+
+def run_sequences(forward, state, rows: dict, goal_D, *, batch_size: int, mesh, rules,
+                  desc: str) -> dict:
+  """``forward`` over ``rows = {tokens, mask}_NxL`` in fixed-shape batches (one compile)."""
+  n, outs = len(rows["tokens"]), []
+  for start in tqdm(range(0, n, batch_size), desc=desc):
+    idx = np.minimum(np.arange(start, start + batch_size), n - 1)  # repeat the last row to fill
+    batch = sharding.host_to_global({k: rows[k][idx] for k in ("tokens", "mask")}, mesh, rules)
+    out = jax.device_get(forward(state, batch, goal_D))
+    outs.append({k: np.asarray(v)[:n - start] for k, v in out.items()})
+  return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
+def encode_pairs(source, tokenizer, config, n: int) -> dict:
+  """The first ``n`` pairs of ``source`` as rows ``2i`` (chosen) and ``2i + 1`` (rejected)."""
+  pairs = [encode_pair(source[i], tokenizer, config.data.max_len, config.data.padding_side)
+           for i in range(n)]
+  return {k: np.concatenate([p[k] for p in pairs]) for k in ("tokens", "mask", "response")}
+
+
+# --- metrics ---
+
+def error_windows(examples, tokenizer, response_lengths, k: int) -> dict:
+  """Token windows of each rejected response's first error: its step (to the end of the line)
+  and the first ``k`` tokens from it; ``start`` is the token holding ``error_char``."""
+  start, step_end = [], []
+  for ex, length in zip(examples, response_lengths):
+    text = ex["rejected"]
+    offsets = localize.response_offsets(tokenizer, text)
+    if len(offsets) != length:
+      raise ValueError(f"example {ex.get('id', '?')}: {len(offsets)} offsets for {length} tokens")
+    start.append(localize.char_to_token(offsets, ex["error_char"]))
+    newline = text.find("\n", ex["error_char"])
+    step_end.append(length if newline < 0 else localize.char_to_token(offsets, newline) + 1)
+  start = np.asarray(start)
+  return {"step": (start, np.asarray(step_end)), f"within_{k}": (start, start + k)}
+
+
+def evaluate(config, checkpoint: str, out_dir: str | None = None, *, goal_examples: int = 512,
+             n_boot: int = 1000, hit_k: int = 3, threshold: float = 0.0,
+             num_traces: int = 6) -> dict:
+  """Evaluates the checkpoint; writes ``eval.json``, ``eval.md`` and plots; returns the dict."""
+  if jax.process_count() > 1:
+    raise RuntimeError("rmjax.evaluate runs in a single process")
+  out_dir = out_dir or os.path.join(resolve_checkpoint(checkpoint)[2], "evaluate")
+  os.makedirs(out_dir, exist_ok=True)
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  mesh = sharding.make_mesh(tuple(config.mesh.shape))
+  with sharding.use_mesh(mesh, rules):
+    tokenizer = sources.make_tokenizer(config)
+    step, step_dir, graphdef, state = restore(config, mesh, checkpoint)
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    forward = jax.jit(make_forward(graphdef), in_shardings=(state_sharding, None, None))
+    run = lambda rows, goal_D, desc: run_sequences(
+        forward, state, rows, goal_D, batch_size=2 * config.train.batch_size, mesh=mesh,
+        rules=rules, desc=desc)
+    d = config.model.dim
+
+    # --- goal: correct (chosen) training solutions ---
+    train_source = sources.make_source(config, "train")
+    n_goal = min(goal_examples, len(train_source))
+    goal_rows = encode_pairs(train_source, tokenizer, config, n_goal)
+    chosen = {k: v[0::2] for k, v in goal_rows.items()}
+    goal_D = goal_lib.goal_state(run(chosen, np.zeros(d, np.float32), "goal")["h_final"])
+    goal_path = goal_lib.save_goal(step_dir, goal_D)
+
+    # --- held-out pairs: chosen = correct, rejected = incorrect ---
+    eval_source = sources.make_source(config, "validation")
+    examples = [eval_source[i] for i in range(len(eval_source))]
+    rows = encode_pairs(eval_source, tokenizer, config, len(examples))
+    res = run(rows, goal_D, "eval")
+
+  labels = np.tile([True, False], len(examples))
+  groups = np.repeat(np.arange(len(examples)), 2)
+  resp = rows["response"].astype(bool)
+  q_traces = [q[m] for q, m in zip(res["q"], resp)]
+  r_traces = [r[m] for r, m in zip(res["prefix_reward"], resp)]
+  q_final = np.asarray([t[-1] for t in q_traces])
+  result = {
+      "step": int(step), "checkpoint": step_dir, "n_pairs": len(examples),
+      **preference_metrics(res["reward"][0::2], res["reward"][1::2]),
+      "auroc_ci": auroc_ci(res["reward"], labels, groups, n_boot=n_boot, seed=config.seed),
+      "goal": {"path": goal_path, "n_correct_train_solutions": n_goal},
+      "q": {"auroc_final_token": auroc(q_final, labels),
+            "mean_correct": float(np.mean(np.concatenate(q_traces[0::2]))),
+            "mean_incorrect": float(np.mean(np.concatenate(q_traces[1::2]))),
+            "flagged_correct_share": float(np.mean(
+                localize.predict(q_traces[0::2], "below", threshold) >= 0))},
+      "voting": {"skipped": VOTING_SKIPPED},
+  }
+  if "error_char" in examples[0]:
+    windows = error_windows(examples, tokenizer, [len(t) for t in q_traces[1::2]], hit_k)
+    result["localization"] = {
+        "q_largest_drop": localize.localization_metrics(q_traces[1::2], windows),
+        "q_below": localize.localization_metrics(q_traces[1::2], windows, "below", threshold),
+        "prefix_reward_largest_drop": localize.localization_metrics(r_traces[1::2], windows)}
+  else:
+    windows = None
+    result["localization"] = {"skipped": "the data records no error_char"}
+
+  # --- outputs ---
+  result["plots"] = [
+      plots.reward_histogram(os.path.join(out_dir, "reward_hist.png"), res["reward"], labels),
+      plots.roc_curve(os.path.join(out_dir, "roc.png"), res["reward"], labels, result["auroc"]),
+      _plot_traces(os.path.join(out_dir, "q_traces.png"), q_traces, windows, num_traces,
+                   threshold)]
+  ci, loc = result["auroc_ci"], result["localization"].get("q_largest_drop", {})
+  table = markdown_table([{
+      "dataset": f"{config.data.name}/validation", "pairs": len(examples),
+      "pairwise acc.": result["pairwise_accuracy"],
+      "AUROC [95% CI]": f"{ci['auroc']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]",
+      "Q_t loc. hit (step)": loc.get("hit_rate_step", "-"),
+      "random (step)": loc.get("random_hit_rate_step", "-")}])
+  with open(os.path.join(out_dir, "eval.md"), "w") as f:
+    f.write(table)
+  with open(os.path.join(out_dir, "eval.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  return result
+
+
+def _plot_traces(path, q_traces, windows, num_traces: int, threshold: float) -> str:
+  """The first ``num_traces // 2`` pairs: chosen (no error) and rejected (first error marked)."""
+  n = max(num_traces // 2, 1)
+  errors = [-1] * (2 * n) if windows is None else [
+      e for i in range(n) for e in (-1, int(windows["step"][0][i]))]
+  names = [f"pair {i} {side}" for i in range(n) for side in ("correct", "incorrect")]
+  return plots.q_traces(path, q_traces[:2 * n], [i % 2 == 0 for i in range(2 * n)], errors, names,
+                        threshold)
+
+
+# --- command line ---
+
+def _cli():
+  from absl import app, flags
+  from absl import logging as absl_logging
+  from ml_collections import config_flags
+  config = config_flags.DEFINE_config_file("config", None, "Training config file [:arg].",
+                                           lock_config=True)
+  checkpoint = flags.DEFINE_string("checkpoint", None, "Workdir, its checkpoints/ or a step dir.")
+  out = flags.DEFINE_string("out", None, "Output folder (default <workdir>/evaluate).")
+  goal_examples = flags.DEFINE_integer(
+      "goal_examples", 512, "Training pairs whose chosen (correct) responses define the goal.")
+  n_boot = flags.DEFINE_integer("n_boot", 1000, "Bootstrap draws for the AUROC interval.")
+  hit_k = flags.DEFINE_integer("hit_k", 3, "Localisation window: the first error + k-1 tokens.")
+  threshold = flags.DEFINE_float("threshold", 0.0, "Q_t threshold of the 'below' rule.")
+  flags.mark_flags_as_required(["config", "checkpoint"])
+
+  def main(argv):
+    del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it reads at INFO
+    result = evaluate(config.value, checkpoint.value, out.value, goal_examples=goal_examples.value,
+                      n_boot=n_boot.value, hit_k=hit_k.value, threshold=threshold.value)
+    print(json.dumps({k: result[k] for k in ("step", "pairwise_accuracy", "auroc", "auroc_ci")}))
+
+  app.run(main)
+
+
+if __name__ == "__main__":
+  _cli()
