@@ -68,8 +68,13 @@ def test_overlong_prompt_is_cut_from_the_left_and_bad_input_is_named():
   tok = ByteTokenizer()
   with pytest.raises(ValueError, match="example e7: field 'rejected': empty response"):
     encode_pair({"prompt": "Q", "chosen": "a", "rejected": "", "id": "e7"}, tok, 8)
-  with pytest.raises(ValueError, match="field 'chosen': response of 9 tokens exceeds max_len=8"):
-    encode_pair({"prompt": "Q", "chosen": "a" * 9, "rejected": "b", "id": "e8"}, tok, 8)
+  # a response longer than max_len keeps its head and its final (EOS) token; every cut is counted
+  p = encode_pair({"prompt": "Q:", "chosen": "abcdefghi", "rejected": "xy", "id": "e8"}, tok, 8)
+  assert tok.decode(p["tokens"][0]) == "abcdefgi" and p["response"][0].all()
+  assert tok.decode(p["tokens"][1][p["mask"][1] == 1]) == "Q:xy"
+  assert p["truncated"].tolist() == [2 + 1, 0]  # the whole 2-token prompt and 1 response token
+  p = encode_pair({"prompt": "Q: 123", "chosen": "abcd", "rejected": "xy", "id": "e9"}, tok, 8)
+  assert p["truncated"].tolist() == [2, 0] and tok.decode(p["tokens"][0]) == " 123abcd"
 
 
 def test_train_iterator_resumes_at_the_exact_next_batch():

@@ -2,28 +2,47 @@
 
 A batch is a dict of numpy arrays, pair-major so that sharding the leading axis keeps a pair's
 chosen (index 0) and rejected (index 1) sequences on the same device:
-  tokens   int32 [B, 2, L]
-  mask     int32 [B, 2, L]  1 = real token (prompt or response)
-  response int32 [B, 2, L]  1 = response token (contrastive states are sampled only here)
-  margin   f32   [B]        Bradley-Terry margin (0 unless the source gives one)
+  tokens    int32 [B, 2, L]
+  mask      int32 [B, 2, L]  1 = real token (prompt or response)
+  response  int32 [B, 2, L]  1 = response token (contrastive states are sampled only here)
+  margin    f32   [B]        Bradley-Terry margin (0 unless the source gives one)
+  truncated int32 [B, 2]     tokens cut to fit max_len (0 for most rows)
+
+Truncation: an over-long pair loses the left end of its prompt; a response longer than max_len on
+its own keeps its first max_len - 1 tokens and its final one (the EOS the reward reads), as the
+official code forces EOS. Every cut is counted in ``truncated`` and by ``length_report``.
+
+Length bucketing (``buckets``): each training batch is trimmed to the smallest bucket length that
+holds its longest row, so the train step compiles once per bucket (a handful of shapes), and
+``sort_window`` batches at a time are sorted by length before being cut into batches (whose order
+is then shuffled), so a batch holds rows of similar length and little padding.
 """
 from __future__ import annotations
+
+import json
 
 import grain
 import jax
 import numpy as np
 
-FIELDS = ("tokens", "mask", "response", "margin")
+FIELDS = ("tokens", "mask", "response", "margin", "truncated")
+
+
+def fit(n_prompt: int, n_response: int, max_len: int) -> tuple[int, int]:
+  """Tokens to cut ``(from the prompt's left end, from the response's middle)``."""
+  response_cut = max(0, n_response - max_len)
+  return min(n_prompt, max(0, n_prompt + n_response - response_cut - max_len)), response_cut
 
 
 def encode_sequence(prompt_ids: list[int], response_ids: list[int], max_len: int, pad_id: int,
                     padding_side: str = "right") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """One padded row: (tokens_L, mask_L, response_L). An over-long prompt loses its left end."""
+  """One padded row: (tokens_L, mask_L, response_L), cut to max_len as the module says."""
   if not response_ids:
     raise ValueError("empty response")
-  if len(response_ids) > max_len:
-    raise ValueError(f"response of {len(response_ids)} tokens exceeds max_len={max_len}")
-  prompt_ids = prompt_ids[max(0, len(prompt_ids) + len(response_ids) - max_len):]
+  prompt_cut, response_cut = fit(len(prompt_ids), len(response_ids), max_len)
+  if response_cut:
+    response_ids = response_ids[:max_len - 1] + response_ids[-1:]
+  prompt_ids = prompt_ids[prompt_cut:]
   ids = prompt_ids + response_ids
   resp = [0] * len(prompt_ids) + [1] * len(response_ids)
   pad = max_len - len(ids)
@@ -36,37 +55,109 @@ def encode_sequence(prompt_ids: list[int], response_ids: list[int], max_len: int
   return (np.asarray(ids, np.int32), np.asarray(real, np.int32), np.asarray(resp, np.int32))
 
 
+def encode_texts(example: dict, side: str, tokenizer) -> tuple[list[int], list[int]]:
+  """(prompt_ids, response_ids) of one side: chat messages if the example has them, else text."""
+  messages = example.get(f"{side}_messages")
+  if messages:
+    return tokenizer.encode_messages(json.loads(messages))
+  return tokenizer.encode_prompt_response(example["prompt"], example[side])
+
+
 def encode_pair(example: dict, tokenizer, max_len: int, padding_side: str = "right") -> dict:
-  """``{prompt, chosen, rejected[, margin]}`` -> the batch fields of one pair."""
-  prompt_ids = tokenizer.encode(example["prompt"])
-  rows = []
+  """``{prompt, chosen, rejected[, margin, *_messages]}`` -> the batch fields of one pair."""
+  rows, truncated = [], []
   for side in ("chosen", "rejected"):
     try:
-      rows.append(encode_sequence(prompt_ids, tokenizer.encode(example[side]), max_len,
-                                  tokenizer.pad_id, padding_side))
+      prompt_ids, response_ids = encode_texts(example, side, tokenizer)
+      rows.append(encode_sequence(prompt_ids, response_ids, max_len, tokenizer.pad_id,
+                                  padding_side))
     except ValueError as e:
       raise ValueError(f"example {example.get('id', '?')}: field {side!r}: {e}") from None
+    truncated.append(sum(fit(len(prompt_ids), len(response_ids), max_len)))
   tokens, mask, response = (np.stack(x) for x in zip(*rows))
   return {"tokens": tokens, "mask": mask, "response": response,
-          "margin": np.float32(example.get("margin", 0.0))}
+          "margin": np.float32(example.get("margin", 0.0)),
+          "truncated": np.asarray(truncated, np.int32)}
+
+
+def trim(batch: dict, length: int, padding_side: str) -> dict:
+  """The batch with its sequence axis cut to ``length`` (only padding is removed)."""
+  cut = slice(None, length) if padding_side == "right" else slice(-length, None)
+  return {k: v[..., cut] if v.ndim == 3 else v for k, v in batch.items()}
+
+
+class Batcher(grain.experimental.FlatMapTransform):
+  """A window of ``window * batch_size`` encoded pairs -> ``window`` batches (see module doc)."""
+
+  def __init__(self, *, batch_size: int, window: int, buckets, max_len: int, padding_side: str,
+               seed: int):
+    self.max_fan_out, self.batch_size, self.window = window, batch_size, window
+    self.buckets = sorted({b for b in buckets if b < max_len} | {max_len}) if buckets else ()
+    self.padding_side, self.seed = padding_side, seed
+
+  def flat_map(self, indexed_window):
+    index, rows = indexed_window
+    if self.window > 1:
+      lengths_N = rows["mask"].sum(-1).max(-1)
+      order = np.argsort(lengths_N, kind="stable")
+      rows = {k: v[order] for k, v in rows.items()}
+    batches = [{k: v[i:i + self.batch_size] for k, v in rows.items()}
+               for i in range(0, self.window * self.batch_size, self.batch_size)]
+    if self.window > 1:
+      rng = np.random.default_rng([self.seed, index])
+      batches = [batches[i] for i in rng.permutation(self.window)]
+    if self.buckets:
+      batches = [trim(b, next(x for x in self.buckets if x >= b["mask"].sum(-1).max()),
+                      self.padding_side) for b in batches]
+    return batches
 
 
 def train_dataset(source, tokenizer, *, global_batch_size: int, max_len: int, seed: int,
-                  padding_side: str = "right") -> grain.MapDataset:
+                  padding_side: str = "right", buckets=(), sort_window: int = 1,
+                  num_threads: int = 0, num_workers: int = 0,
+                  shard_options: grain.sharding.ShardOptions | None = None) -> grain.IterDataset:
   """Infinite, reshuffled each epoch, this process's share of every global batch.
 
-  Process p takes the p-th contiguous block of each global batch, the rows its devices hold in
-  the global array, so the global batch (and its row order) does not depend on the process count.
+  ``shard_options`` (default ``ShardByJaxProcess``) picks this process's share: pair positions
+  ``shard_index, shard_index + shard_count, ...`` of the shuffled stream. ``num_threads`` read and
+  tokenise windows in parallel threads, ``num_workers`` > 0 adds that many worker processes
+  (grain ``mp_prefetch``); neither changes the order, and the iterator state restores exactly.
   """
-  n_proc = jax.process_count()
-  if global_batch_size % n_proc:
-    raise ValueError(f"batch_size={global_batch_size} is not divisible by {n_proc} processes")
-  return (grain.MapDataset.source(source)
-          .shuffle(seed=seed)
-          .repeat()
-          .map(lambda ex: encode_pair(ex, tokenizer, max_len, padding_side))
-          .batch(global_batch_size // n_proc, drop_remainder=True)
-          [jax.process_index()::n_proc])
+  shard = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
+  if global_batch_size % shard.shard_count:
+    raise ValueError(f"batch_size={global_batch_size} is not divisible by {shard.shard_count} "
+                     "processes")
+  batch_size = global_batch_size // shard.shard_count
+  batcher = Batcher(batch_size=batch_size, window=sort_window, buckets=buckets, max_len=max_len,
+                    padding_side=padding_side, seed=seed)
+  ds = (grain.MapDataset.source(source)
+        .shuffle(seed=seed)
+        .repeat()
+        [shard.shard_index::shard.shard_count]
+        .map(lambda ex: encode_pair(ex, tokenizer, max_len, padding_side))
+        .batch(batch_size * sort_window, drop_remainder=True)
+        .map_with_index(lambda i, rows: (i, rows))
+        .to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                           prefetch_buffer_size=max(1, num_threads))))
+  ds = grain.experimental.FlatMapIterDataset(ds, batcher)
+  if num_workers:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return ds
+
+
+def length_report(source, tokenizer, max_len: int, limit: int | None = None) -> dict:
+  """Token lengths of (the first ``limit``) pairs' rows and what ``max_len`` would cut."""
+  n = len(source) if limit is None else min(limit, len(source))
+  lengths, cuts = [], []
+  for i in range(n):
+    for side in ("chosen", "rejected"):
+      prompt_ids, response_ids = encode_texts(source[i], side, tokenizer)
+      lengths.append(len(prompt_ids) + len(response_ids))
+      cuts.append(sum(fit(len(prompt_ids), len(response_ids), max_len)))
+  lengths, cuts = np.asarray(lengths), np.asarray(cuts)
+  return {"pairs": n, "rows_truncated": int((cuts > 0).sum()), "tokens_cut": int(cuts.sum()),
+          "mean_length": float(lengths.mean()), **{f"p{q}_length": float(np.percentile(lengths, q))
+                                                    for q in (50, 90, 99, 100)}}
 
 
 def eval_batches(source, tokenizer, *, global_batch_size: int, max_len: int,

