@@ -170,7 +170,8 @@ def train(config, workdir: str) -> dict[str, float]:
     data_iter = iter(train_dataset(
         sources.make_source(config, "train"), tokenizer,
         global_batch_size=config.train.batch_size, max_len=config.data.max_len,
-        seed=config.seed, padding_side=config.data.padding_side))
+        seed=config.seed, padding_side=config.data.padding_side,
+        **sources.pipeline_options(config)))
     eval_source = sources.make_source(config, "validation")
 
     # --- model & optimiser (fresh, or restored with the data position) ---
