@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from rmjax import objective, sharding
+from rmjax import convert, objective, sharding
 from rmjax.checkpoint import Checkpointer
 from rmjax.data import sources
 from rmjax.data.pipeline import eval_batches, train_dataset
@@ -41,18 +41,58 @@ def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
   return optax.apply_if_finite(tx, max_consecutive_errors=optim.max_consecutive_nonfinite)
 
 
-def create_state(config):
-  """Model and optimiser, created under the current mesh so parameters are born sharded."""
-  total_steps = config.train.steps
+ARCH_EXEMPT = ("init_from", "dtype", "param_dtype")  # model fields that are not architecture
 
-  @nnx.jit
-  def create():
-    model = RewardModel(LlamaConfig(**config.model), rngs=nnx.Rngs(config.seed))
-    return {"model": model,
-            "optimizer": nnx.Optimizer(model, make_optimizer(config.optim, total_steps),
-                                       wrt=nnx.Param)}
 
-  return nnx.split(create())
+def model_config(config) -> LlamaConfig:
+  """``config.model`` as a ``LlamaConfig``. With ``model.init_from`` the architecture is the
+  checkpoint's; any architecture field the config also sets must agree with it."""
+  fields = {k: v for k, v in config.model.items() if k != "init_from"}
+  init_from = config.model.get("init_from", "")
+  if not init_from:
+    return LlamaConfig(**fields)
+  cfg = convert.pretrained_config(init_from, dtype=fields.get("dtype", "float32"),
+                                  param_dtype=fields.get("param_dtype", "float32"))
+  wrong = {k: (v, getattr(cfg, k)) for k, v in fields.items()
+           if k not in ARCH_EXEMPT and v is not None and getattr(cfg, k) != v}
+  if wrong:
+    raise ValueError(f"model.init_from={init_from}: the checkpoint disagrees with the config on "
+                     + ", ".join(f"model.{k}={a!r} (checkpoint: {b!r})"
+                                 for k, (a, b) in wrong.items()))
+  return cfg
+
+
+def trainable_filter(config):
+  """NNX filter of the trained parameters (``train.trainable_top_layers`` = k): all (k < 0), or
+  the head plus, when k > 0, the final norm and the top k blocks (the rest stays frozen)."""
+  top_layers = config.train.get("trainable_top_layers", -1)
+  if top_layers < 0:
+    return nnx.Param
+  num_layers = model_config(config).num_layers
+  if top_layers > num_layers:
+    raise ValueError(f"train.trainable_top_layers={top_layers} exceeds the {num_layers} layers")
+
+  def trainable(path, node) -> bool:
+    if not isinstance(node, nnx.Param):
+      return False
+    if path[0] == "head":
+      return True
+    return top_layers > 0 and (path[1] == "final_norm" or
+                               (path[1] == "layers" and int(path[2]) >= num_layers - top_layers))
+  return trainable
+
+
+def create_state(config, mesh=None, *, pretrained: bool = True):
+  """Model and optimiser, created under the current mesh so parameters are born sharded; with
+  ``pretrained``, the weights come from ``model.init_from`` when set (needs ``mesh``)."""
+  cfg = model_config(config)
+  tx = make_optimizer(config.optim, config.train.steps)
+  wrt = trainable_filter(config)
+  make = lambda model: {"model": model, "optimizer": nnx.Optimizer(model, tx, wrt=wrt)}
+  if pretrained and config.model.get("init_from"):
+    return nnx.split(nnx.jit(make)(convert.load_reward_model(config.model.init_from, cfg, mesh,
+                                                             seed=config.seed)))
+  return nnx.split(nnx.jit(lambda: make(RewardModel(cfg, rngs=nnx.Rngs(config.seed))))())
 
 
 def unpack(merged: dict):
@@ -61,7 +101,7 @@ def unpack(merged: dict):
 
 def abstract_state(config, mesh):
   """Shapes, dtypes and shardings of ``create_state``'s state, without allocating it."""
-  graphdef, state = nnx.eval_shape(lambda: create_state(config))
+  graphdef, state = nnx.eval_shape(lambda: create_state(config, pretrained=False))
   shardings = nnx.get_named_sharding(state, mesh)
   return graphdef, jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
@@ -69,14 +109,15 @@ def abstract_state(config, mesh):
 
 # --- steps ---
 
-def make_train_step(graphdef, terms, *, accum_steps: int, seed: int):
-  """``train_step(state, batch) -> (state, metrics)``: pure; randomness from (seed, step)."""
+def make_train_step(graphdef, terms, *, accum_steps: int, seed: int, trainable=nnx.Param):
+  """``train_step(state, batch) -> (state, metrics)``: pure; randomness from (seed, step).
+  Gradients flow to the ``trainable`` parameters only (``trainable_filter``)."""
   base_key = jax.random.key(seed)
 
   def train_step(state, batch):
     model, opt = unpack(nnx.merge(graphdef, state))
     key = jax.random.fold_in(base_key, opt.step[...])
-    model_def, params, rest = nnx.split(model, nnx.Param, ...)
+    model_def, params, rest = nnx.split(model, trainable, ...)
 
     def loss_fn(params, micro_batch, key):
       return objective.objective(nnx.merge(model_def, params, rest), micro_batch, key, terms)
@@ -164,9 +205,10 @@ def train(config, workdir: str) -> dict[str, float]:
   with sharding.use_mesh(mesh, rules):
     # --- data ---
     tokenizer = sources.make_tokenizer(config)
-    if tokenizer.vocab_size > config.model.vocab_size:
-      raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
-                       f"tokenizer's vocabulary ({tokenizer.vocab_size})")
+    vocab_size = model_config(config).vocab_size
+    if tokenizer.vocab_size > vocab_size:
+      raise ValueError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's "
+                       f"vocabulary ({tokenizer.vocab_size})")
     data_iter = iter(train_dataset(
         sources.make_source(config, "train"), tokenizer,
         global_batch_size=config.train.batch_size, max_len=config.data.max_len,
@@ -182,12 +224,13 @@ def train(config, workdir: str) -> dict[str, float]:
     graphdef, abstract = abstract_state(config, mesh)
     start, state = ckpt.restore_latest(abstract, data_iter)
     if state is None:
-      start, (graphdef, state) = 0, create_state(config)
+      start, (graphdef, state) = 0, create_state(config, mesh)
     else:
       log.info("resumed %s at step %d", workdir, start)
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     train_step = jax.jit(
-        make_train_step(graphdef, terms, accum_steps=config.train.accum_steps, seed=config.seed),
+        make_train_step(graphdef, terms, accum_steps=config.train.accum_steps, seed=config.seed,
+                        trainable=trainable_filter(config)),
         in_shardings=(state_sharding, None), out_shardings=(state_sharding, None),
         donate_argnums=0)
     eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(state_sharding, None))

@@ -26,9 +26,11 @@ ARCHS = {
 }
 
 
-def save_tiny(arch, folder, classifier=False):
+def save_tiny(arch, folder, classifier=False, **overrides):
   torch.manual_seed(0)
   cfg = ARCHS[arch]()
+  for k, v in overrides.items():
+    setattr(cfg, k, v)
   if classifier:
     cfg.num_labels = 1
     model = transformers.AutoModelForSequenceClassification.from_config(cfg)
@@ -143,3 +145,29 @@ def test_smollm2_gguf_matches_transformers_gguf_loading(mesh1):
   h_ref = torch_hidden(ref, tokens, mask)
   real = mask.astype(bool)
   np.testing.assert_allclose(h[real], h_ref[real], atol=1e-3, rtol=1e-3)
+
+
+def test_train_from_pretrained_updates_only_top_layers(tmp_path):
+  from flax import nnx
+
+  from rmjax import train
+  from rmjax.evaluate import restore
+  from tests.helpers import tiny_config
+  save_tiny("llama", tmp_path / "hf", vocab_size=256)
+  config = tiny_config("paper", steps=2, trainable_top_layers=1)
+  for field in list(config.model):
+    if field not in train.ARCH_EXEMPT:
+      setattr(config.model, field, None)  # the architecture comes from the checkpoint
+  config.model.init_from = str(tmp_path / "hf")
+  train.train(config, str(tmp_path / "run"))
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  with sharding.use_mesh(mesh):
+    cfg = train.model_config(config)
+    before = load_reward_model(config.model.init_from, cfg, mesh, seed=config.seed)
+    _, _, graphdef, state = restore(config, mesh, str(tmp_path / "run"))
+  after, _ = train.unpack(nnx.merge(graphdef, state))
+  old = dict(nnx.to_flat_state(nnx.state(before, nnx.Param)))
+  for path, var in nnx.to_flat_state(nnx.state(after, nnx.Param)):
+    changed = not np.array_equal(var[...], old[path][...])
+    top = path[0] == "head" or path[1] == "final_norm" or (path[1] == "layers" and path[2] == 1)
+    assert changed == top, path
