@@ -4,8 +4,8 @@
 
 ``--checkpoint`` is a workdir (its newest checkpoint), its ``checkpoints/`` folder, or one step
 folder (``runs/demo/checkpoints/1500``). Over the held-out (``validation``) pairs, the chosen
-response counts as a correct solution and the rejected one as incorrect, grouped by pair
-(problem). Computed: pairwise accuracy, AUROC of reward vs correctness with a bootstrap interval
+response counts as a correct solution and the rejected one as incorrect, grouped by the pair's
+``problem_id`` (each pair its own problem when the data has none). Computed: pairwise accuracy, AUROC of reward vs correctness with a bootstrap interval
 resampled by problem, the goal state (saved as ``goal.npy`` in the step folder) from the chosen
 responses of the first ``--goal_examples`` *training* pairs, Q_t traces, and error localisation
 (``rmjax.eval.localize``) against ``error_char`` when the data records it. Majority voting needs
@@ -101,20 +101,26 @@ def encode_pairs(source, tokenizer, config, n: int) -> dict:
 
 # --- metrics ---
 
-def error_windows(examples, tokenizer, response_lengths, k: int) -> dict:
-  """Token windows of each rejected response's first error: its step (to the end of the line)
-  and the first ``k`` tokens from it; ``start`` is the token holding ``error_char``."""
-  start, step_end = [], []
+def error_windows(examples, tokenizer, response_lengths, k: int):
+  """Token windows of each rejected response's first error, and which examples have one.
+
+  ``start`` is the token holding ``error_char``; windows: ``step`` (to the end of its line) and
+  ``within_<k>`` (the first ``k`` tokens from it). A response cut to fit ``max_len`` (fewer
+  tokens than its text) is left out; tokens after the text (an EOS) are fine.
+  Returns ``(windows, keep_N)``.
+  """
+  start, step_end, keep = [], [], []
   for ex, length in zip(examples, response_lengths):
     text = ex["rejected"]
     offsets = localize.response_offsets(tokenizer, text)
-    if len(offsets) != length:
-      raise ValueError(f"example {ex.get('id', '?')}: {len(offsets)} offsets for {length} tokens")
-    start.append(localize.char_to_token(offsets, ex["error_char"]))
-    newline = text.find("\n", ex["error_char"])
-    step_end.append(length if newline < 0 else localize.char_to_token(offsets, newline) + 1)
-  start = np.asarray(start)
-  return {"step": (start, np.asarray(step_end)), f"within_{k}": (start, start + k)}
+    keep.append(len(offsets) <= length)
+    if keep[-1]:
+      start.append(localize.char_to_token(offsets, ex["error_char"]))
+      newline = text.find("\n", ex["error_char"])
+      step_end.append(len(offsets) if newline < 0 else localize.char_to_token(offsets, newline) + 1)
+  start = np.asarray(start, np.int64)
+  return {"step": (start, np.asarray(step_end, np.int64)), f"within_{k}": (start, start + k)}, \
+      np.asarray(keep)
 
 
 def evaluate(config, checkpoint: str, out_dir: str | None = None, *, goal_examples: int = 512,
@@ -152,7 +158,7 @@ def evaluate(config, checkpoint: str, out_dir: str | None = None, *, goal_exampl
     res = run(rows, goal_D, "eval")
 
   labels = np.tile([True, False], len(examples))
-  groups = np.repeat(np.arange(len(examples)), 2)
+  groups = np.repeat([ex.get("problem_id", i) for i, ex in enumerate(examples)], 2)
   resp = rows["response"].astype(bool)
   q_traces = [q[m] for q, m in zip(res["q"], resp)]
   r_traces = [r[m] for r, m in zip(res["prefix_reward"], resp)]
@@ -170,20 +176,25 @@ def evaluate(config, checkpoint: str, out_dir: str | None = None, *, goal_exampl
       "voting": {"skipped": VOTING_SKIPPED},
   }
   if "error_char" in examples[0]:
-    windows = error_windows(examples, tokenizer, [len(t) for t in q_traces[1::2]], hit_k)
+    windows, keep = error_windows(examples, tokenizer, [len(t) for t in q_traces[1::2]], hit_k)
+    wrong_q = [t for t, kept in zip(q_traces[1::2], keep) if kept]
+    wrong_r = [t for t, kept in zip(r_traces[1::2], keep) if kept]
     result["localization"] = {
-        "q_largest_drop": localize.localization_metrics(q_traces[1::2], windows),
-        "q_below": localize.localization_metrics(q_traces[1::2], windows, "below", threshold),
-        "prefix_reward_largest_drop": localize.localization_metrics(r_traces[1::2], windows)}
+        "n_truncated_left_out": int(np.sum(~keep)),
+        "q_largest_drop": localize.localization_metrics(wrong_q, windows),
+        "q_below": localize.localization_metrics(wrong_q, windows, "below", threshold),
+        "prefix_reward_largest_drop": localize.localization_metrics(wrong_r, windows)}
+    trace_errors = np.full(len(examples), -1)
+    trace_errors[keep] = windows["step"][0]
   else:
-    windows = None
+    trace_errors = np.full(len(examples), -1)
     result["localization"] = {"skipped": "the data records no error_char"}
 
   # --- outputs ---
   result["plots"] = [
       plots.reward_histogram(os.path.join(out_dir, "reward_hist.png"), res["reward"], labels),
       plots.roc_curve(os.path.join(out_dir, "roc.png"), res["reward"], labels, result["auroc"]),
-      _plot_traces(os.path.join(out_dir, "q_traces.png"), q_traces, windows, num_traces,
+      _plot_traces(os.path.join(out_dir, "q_traces.png"), q_traces, trace_errors, num_traces,
                    threshold)]
   ci, loc = result["auroc_ci"], result["localization"].get("q_largest_drop", {})
   table = markdown_table([{
@@ -199,11 +210,10 @@ def evaluate(config, checkpoint: str, out_dir: str | None = None, *, goal_exampl
   return result
 
 
-def _plot_traces(path, q_traces, windows, num_traces: int, threshold: float) -> str:
-  """The first ``num_traces // 2`` pairs: chosen (no error) and rejected (first error marked)."""
-  n = max(num_traces // 2, 1)
-  errors = [-1] * (2 * n) if windows is None else [
-      e for i in range(n) for e in (-1, int(windows["step"][0][i]))]
+def _plot_traces(path, q_traces, error_N, num_traces: int, threshold: float) -> str:
+  """The first ``num_traces // 2`` pairs: correct (chosen) and incorrect (first error marked)."""
+  n = min(max(num_traces // 2, 1), len(error_N))
+  errors = [e for i in range(n) for e in (-1, int(error_N[i]))]
   names = [f"pair {i} {side}" for i in range(n) for side in ("correct", "incorrect")]
   return plots.q_traces(path, q_traces[:2 * n], [i % 2 == 0 for i in range(2 * n)], errors, names,
                         threshold)

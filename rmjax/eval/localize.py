@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rmjax.data.tokenizer import ByteTokenizer
+from rmjax.data.tokenizer import ByteTokenizer, HFTokenizer
 
 METHODS = ("largest_drop", "below")
 
@@ -32,17 +32,15 @@ def byte_offsets(text: str) -> np.ndarray:
 
 
 def response_offsets(tokenizer, text: str) -> np.ndarray:
-  """Character span of each token of ``tokenizer.encode(text)``.
-
-  ``ByteTokenizer`` maps one byte to one token; any other tokenizer must provide
-  ``offsets(text) -> [(start, end), ...]`` (e.g. a fast HF tokenizer's offset mapping).
-  """
-  if hasattr(tokenizer, "offsets"):
-    return np.asarray(tokenizer.offsets(text), np.int64).reshape(-1, 2)
+  """Character span of each token of ``tokenizer.encode(text)``: one per byte for
+  ``ByteTokenizer``, the fast tokenizer's offset mapping for ``HFTokenizer``."""
   if isinstance(tokenizer, ByteTokenizer):
     return byte_offsets(text)
-  raise ValueError(f"{type(tokenizer).__name__} has no offsets(text): cannot map characters to "
-                   "tokens for error localisation")
+  if isinstance(tokenizer, HFTokenizer) and tokenizer.hf.is_fast:
+    enc = tokenizer.hf(text, add_special_tokens=False, return_offsets_mapping=True)
+    return np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
+  raise ValueError(f"{type(tokenizer).__name__}: no character offsets (a fast HF tokenizer has "
+                   "them), so error positions cannot be mapped to tokens")
 
 
 def char_to_token(offsets_Tx2, char: int) -> int:
