@@ -28,7 +28,7 @@ from tqdm import tqdm
 from rmjax import sharding
 from rmjax.checkpoint import Checkpointer
 from rmjax.data import sources
-from rmjax.data.pipeline import encode_pair
+from rmjax.data.pipeline import encode_pair, encode_sequence
 from rmjax.eval import goal as goal_lib, localize, plots
 from rmjax.eval.metrics import auroc, auroc_ci, markdown_table, preference_metrics
 from rmjax.train import abstract_state, unpack
@@ -97,6 +97,21 @@ def encode_pairs(source, tokenizer, config, n: int) -> dict:
   pairs = [encode_pair(source[i], tokenizer, config.data.max_len, config.data.padding_side)
            for i in range(n)]
   return {k: np.concatenate([p[k] for p in pairs]) for k in ("tokens", "mask", "response")}
+
+
+def encode_solutions(solutions, tokenizer, config) -> dict:
+  """Rows ``{tokens, mask, response}`` of single solutions ``{prompt, response}`` (for voting:
+  several sampled solutions per problem, e.g. GSM8K's model solutions)."""
+  rows = [encode_sequence(*tokenizer.encode_prompt_response(s["prompt"], s["response"]),
+                          config.data.max_len, tokenizer.pad_id, config.data.padding_side)
+          for s in solutions]
+  return {k: np.stack(x) for k, x in zip(("tokens", "mask", "response"), zip(*rows))}
+
+
+def voting_inputs(solutions, rows: dict, res: dict) -> list[dict]:
+  """``rmjax.eval.voting`` solutions: each one's fields plus ``q``, its Q_t over response tokens."""
+  return [{**s, "q": q_L[m_L.astype(bool)]}
+          for s, q_L, m_L in zip(solutions, res["q"], rows["response"])]
 
 
 # --- metrics ---

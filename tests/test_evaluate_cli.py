@@ -9,7 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from rmjax import evaluate, train
+from rmjax import evaluate, sharding, train
+from rmjax.data.synthetic import SyntheticMath
+from rmjax.data.tokenizer import ByteTokenizer
+from rmjax.eval import voting
 from rmjax.eval.goal import load_goal
 from tests.helpers import tiny_config
 
@@ -58,9 +61,28 @@ def test_evaluate_matches_train_eval_and_compiles_once(tiny_run, tmp_path, caplo
   assert (tmp_path / "eval.md").read_text().startswith("| dataset |")
 
 
+def test_voting_on_scored_solutions(tiny_run):
+  """Solutions -> rows -> the restored model's Q_t -> goal-filtered voting."""
+  c = run_config()
+  solutions = [{"problem_id": ex["id"], "prompt": ex["prompt"], "response": ex[side],
+                "answer": ex[side].split()[-1], "is_correct": side == "chosen"}
+               for ex in SyntheticMath(6, split="validation") for side in ("chosen", "rejected")]
+  mesh = sharding.make_mesh(tuple(c.mesh.shape))
+  with sharding.use_mesh(mesh):
+    _, step_dir, graphdef, state = evaluate.restore(c, mesh, tiny_run)
+    rows = evaluate.encode_solutions(solutions, ByteTokenizer(), c)
+    res = evaluate.run_sequences(jax.jit(evaluate.make_forward(graphdef)), state, rows,
+                                 load_goal(step_dir), batch_size=16, mesh=mesh,
+                                 rules=sharding.DEFAULT_RULES, desc="solutions")
+  scored = evaluate.voting_inputs(solutions, rows, res)
+  assert [len(s["q"]) for s in scored] == [len(s["response"]) for s in solutions]
+  curve = voting.voting_curve(scored, [-1.0, 0.0, 1.0], min_tokens=5)
+  assert curve["curve"][0]["tokens_saved"] == 0.0  # Q_t >= -1 always: nothing discarded
+  assert curve["curve"][0]["accuracy"] == curve["unfiltered_accuracy"] == 1.0  # tie: first wins
+  assert curve["curve"][-1]["fallback_problems"] == 6  # Q_t < 1 always: all discarded
+
+
 def test_error_windows_point_at_the_slip():
-  from rmjax.data.synthetic import SyntheticMath
-  from rmjax.data.tokenizer import ByteTokenizer
   examples = list(SyntheticMath(30, split="validation"))
   lengths = [len(ex["rejected"]) for ex in examples]
   lengths[0] -= 1  # as if cut to fit max_len: left out
