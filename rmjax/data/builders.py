@@ -176,6 +176,9 @@ class Source:
   """Random-access split of a prepared builder; TFDS text (bytes) is decoded here, only here."""
 
   def __init__(self, builder, split: str):
+    if split not in builder.info.splits:
+      raise ValueError(f"{builder.info.full_name} has no split {split!r}; it has "
+                       f"{sorted(builder.info.splits)}")
     self.data = builder.as_data_source(split=split)
     self.name = f"{builder.info.full_name}[{split}]"
 
