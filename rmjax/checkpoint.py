@@ -7,6 +7,7 @@ the previous one is tried.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -65,3 +66,48 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def resolve_run(path: str) -> tuple[str, int | None, str]:
+  """``(checkpoint folder, step or None for the newest, workdir)`` for a workdir, its
+  ``checkpoints/`` folder or one step folder (``runs/demo/checkpoints/1500``)."""
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path}: no such folder")
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return os.path.join(path, "checkpoints"), None, path
+  if os.path.basename(path).isdigit():
+    parent = os.path.dirname(path)
+    return parent, int(os.path.basename(path)), os.path.dirname(parent)
+  return path, None, os.path.dirname(path)
+
+
+def restore_state(config, mesh, path: str):
+  """``(step, step folder, graphdef, state)`` of a run's checkpoint (model and optimiser),
+  sharded over ``mesh``; no data iterator needed."""
+  from rmjax.train import abstract_state
+  directory, step, _ = resolve_run(path)
+  manager = ocp.CheckpointManager(directory)
+  step = manager.latest_step() if step is None else step
+  if step is None or step not in manager.all_steps():
+    raise FileNotFoundError(f"{directory}: no checkpoint{'' if step is None else f' {step}'}")
+  graphdef, abstract = abstract_state(config, mesh)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract)))
+  manager.close()
+  return step, os.path.join(directory, str(step)), graphdef, restored["state"]
+
+
+def load_trained(path: str, mesh):
+  """``(config, model)`` of the run at ``path``; the config is the run's ``config.json``."""
+  import ml_collections
+  from flax import nnx
+  from rmjax.train import unpack
+  workdir = resolve_run(path)[2]
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f"{config_path}: missing (rmjax.main writes it next to checkpoints/)")
+  with open(config_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  _, _, graphdef, state = restore_state(config, mesh, path)
+  return config, unpack(nnx.merge(graphdef, state))[0]

@@ -21,50 +21,22 @@ import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
 from rmjax import sharding
-from rmjax.checkpoint import Checkpointer
+from rmjax.checkpoint import resolve_run, restore_state
 from rmjax.data import sources
 from rmjax.data.pipeline import encode_pair, encode_sequence
 from rmjax.eval import goal as goal_lib, localize, plots
 from rmjax.eval.metrics import auroc, auroc_ci, markdown_table, preference_metrics
-from rmjax.train import abstract_state, unpack
+from rmjax.train import unpack
 
 VOTING_SKIPPED = ("pair data has one correct and one incorrect solution per problem, not several "
                   "sampled solutions with final answers; see rmjax.eval.voting")
 
 
 # --- model ---
-
-def resolve_checkpoint(path: str) -> tuple[str, int | None, str]:
-  """``(checkpoint manager folder, step or None for the newest, workdir)`` for ``path``."""
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"--checkpoint={path}: no such folder")
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    return os.path.join(path, "checkpoints"), None, path
-  if os.path.basename(path).isdigit():
-    parent = os.path.dirname(path)
-    return parent, int(os.path.basename(path)), os.path.dirname(parent)
-  return path, None, os.path.dirname(path)
-
-
-def restore(config, mesh, path: str):
-  """``(step, step folder, graphdef, state)``: the model (and optimiser) state, sharded."""
-  directory, step, _ = resolve_checkpoint(path)
-  ckpt = Checkpointer(directory, async_save=False)
-  step = ckpt.manager.latest_step() if step is None else step
-  if step is None or step not in ckpt.manager.all_steps():
-    raise FileNotFoundError(f"{directory}: no checkpoint{'' if step is None else f' {step}'}")
-  graphdef, abstract = abstract_state(config, mesh)
-  restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract)))
-  ckpt.close()
-  return step, os.path.join(directory, str(step)), graphdef, restored["state"]
-
 
 def make_forward(graphdef):
   """``forward(state, batch, goal_D)`` over single sequences ``batch = {tokens, mask}_NxL``:
@@ -144,13 +116,13 @@ def evaluate(config, checkpoint: str, out_dir: str | None = None, *, goal_exampl
   """Evaluates the checkpoint; writes ``eval.json``, ``eval.md`` and plots; returns the dict."""
   if jax.process_count() > 1:
     raise RuntimeError("rmjax.evaluate runs in a single process")
-  out_dir = out_dir or os.path.join(resolve_checkpoint(checkpoint)[2], "evaluate")
+  out_dir = out_dir or os.path.join(resolve_run(checkpoint)[2], "evaluate")
   os.makedirs(out_dir, exist_ok=True)
   rules = tuple(tuple(r) for r in config.mesh.rules)
   mesh = sharding.make_mesh(tuple(config.mesh.shape))
   with sharding.use_mesh(mesh, rules):
     tokenizer = sources.make_tokenizer(config)
-    step, step_dir, graphdef, state = restore(config, mesh, checkpoint)
+    step, step_dir, graphdef, state = restore_state(config, mesh, checkpoint)
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     forward = jax.jit(make_forward(graphdef), in_shardings=(state_sharding, None, None))
     run = lambda rows, goal_D, desc: run_sequences(

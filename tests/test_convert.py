@@ -1,5 +1,6 @@
 """HF safetensors / GGUF import and HF export, against transformers' PyTorch models on CPU."""
 import importlib.util
+import json
 import os
 
 import jax
@@ -10,7 +11,10 @@ import transformers
 
 from rmjax import sharding
 from rmjax.convert import load_reward_model, pretrained_config
+from rmjax.convert.__main__ import main as convert_cli
 from rmjax.convert.export import export_reward_model
+from rmjax.data.tokenizer import ByteTokenizer
+from rmjax.score import score_file
 
 SMALL = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
@@ -151,7 +155,7 @@ def test_train_from_pretrained_updates_only_top_layers(tmp_path):
   from flax import nnx
 
   from rmjax import train
-  from rmjax.evaluate import restore
+  from rmjax.checkpoint import restore_state as restore
   from tests.helpers import tiny_config
   save_tiny("llama", tmp_path / "hf", vocab_size=256)
   config = tiny_config("paper", steps=2, trainable_top_layers=1)
@@ -171,3 +175,47 @@ def test_train_from_pretrained_updates_only_top_layers(tmp_path):
     changed = not np.array_equal(var[...], old[path][...])
     top = path[0] == "head" or path[1] == "final_norm" or (path[1] == "layers" and path[2] == 1)
     assert changed == top, path
+
+  # the CLI export of the trained run scores as rmjax does (main.py writes config.json)
+  with open(tmp_path / "run" / "config.json", "w") as f:
+    f.write(config.to_json_best_effort())
+  convert_cli(["export-hf", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "x")])
+  tokens, mask = padded_batch(seed=3, vocab=256)
+  tokens, mask = tokens[:2], mask[:2]  # right padding: HF's own positions are rmjax's
+  with sharding.use_mesh(mesh):
+    reward = np.asarray(after(tokens, mask)[0])
+  hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "x")
+  with torch.no_grad():
+    logits = hf_model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                      attention_mask=torch.tensor(mask)).logits[:, 0].numpy()
+  np.testing.assert_allclose(logits, reward, atol=1e-4, rtol=1e-4)
+
+
+def test_score_file_matches_pytorch_per_line(tmp_path, mesh1):
+  ref = save_tiny("qwen2", tmp_path / "hf", classifier=True, vocab_size=256)
+  lines = [{"prompt": "Q: 2+3?", "response": " A: 5"}, {"text": "just text"},
+           {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+           {"prompt": "a long prompt " * 8, "response": "short", "id": 7}]
+  (tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+  tok = ByteTokenizer()
+  with sharding.use_mesh(mesh1):
+    model = load_reward_model(str(tmp_path / "hf"), pretrained_config(str(tmp_path / "hf")), mesh1)
+    n = score_file(model, tok, str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"),
+                   batch_size=3, max_len=40, mesh=mesh1)
+  out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+  assert n == 4 and [{k: v for k, v in o.items() if k not in ("reward", "truncated")}
+                     for o in out] == lines
+  prompt, response = "a long prompt " * 8, "short"
+  texts = ["Q: 2+3? A: 5", "just text", "user: hi\nassistant: yo", (prompt + response)[-40:]]
+  assert out[3]["truncated"] == len(prompt + response) - 40 and "truncated" not in out[0]
+  for o, text in zip(out, texts):
+    with torch.no_grad():
+      expected = ref(input_ids=torch.tensor([tok.encode(text)])).logits[0, 0].item()
+    assert abs(o["reward"] - expected) < 1e-4, text
+
+
+def test_score_file_names_the_bad_line(tmp_path, mesh1):
+  (tmp_path / "in.jsonl").write_text('{"text": "ok"}\n\n{"prompt": "p"}\n')
+  with pytest.raises(ValueError, match=r"in.jsonl:3: field 'response' missing"):
+    score_file(None, ByteTokenizer(), str(tmp_path / "in.jsonl"), str(tmp_path / "o.jsonl"))
+  assert not (tmp_path / "o.jsonl").exists()

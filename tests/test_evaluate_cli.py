@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from rmjax import evaluate, sharding, train
+from rmjax.checkpoint import restore_state
 from rmjax.data.synthetic import SyntheticMath
 from rmjax.data.tokenizer import ByteTokenizer
 from rmjax.eval import voting
@@ -69,7 +70,7 @@ def test_voting_on_scored_solutions(tiny_run):
                for ex in SyntheticMath(6, split="validation") for side in ("chosen", "rejected")]
   mesh = sharding.make_mesh(tuple(c.mesh.shape))
   with sharding.use_mesh(mesh):
-    _, step_dir, graphdef, state = evaluate.restore(c, mesh, tiny_run)
+    _, step_dir, graphdef, state = restore_state(c, mesh, tiny_run)
     rows = evaluate.encode_solutions(solutions, ByteTokenizer(), c)
     res = evaluate.run_sequences(jax.jit(evaluate.make_forward(graphdef)), state, rows,
                                  load_goal(step_dir), batch_size=16, mesh=mesh,
