@@ -158,3 +158,19 @@ def test_sorted_windows_cut_padding():
     return sum((1 - b["mask"]).sum() for b in batches) / sum(b["mask"].size for b in batches)
 
   assert padding(8) < 0.5 * padding(1)
+
+
+@pytest.mark.slow  # starting worker processes takes ~10 s on 2 cores
+def test_worker_processes_give_the_same_batches_and_resume():
+  src = SyntheticMath(40, seed=2)
+  make = lambda workers: iter(train_dataset(src, ByteTokenizer(), global_batch_size=4, max_len=64,
+                                            seed=3, buckets=(40, 48), sort_window=3,
+                                            num_workers=workers))
+  want = [b for b, _ in zip(make(0), range(14))]
+  it = make(2)
+  got = [next(it) for _ in range(10)]
+  resumed = make(2)
+  resumed.set_state(it.get_state())
+  got += [next(resumed) for _ in range(4)]
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g["tokens"], w["tokens"])

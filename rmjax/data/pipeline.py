@@ -23,6 +23,7 @@ import json
 
 import grain
 import jax
+from absl import flags
 import numpy as np
 
 FIELDS = ("tokens", "mask", "response", "margin", "truncated")
@@ -121,7 +122,8 @@ def train_dataset(source, tokenizer, *, global_batch_size: int, max_len: int, se
   ``shard_options`` (default ``ShardByJaxProcess``) picks this process's share: pair positions
   ``shard_index, shard_index + shard_count, ...`` of the shuffled stream. ``num_threads`` read and
   tokenise windows in parallel threads, ``num_workers`` > 0 adds that many worker processes
-  (grain ``mp_prefetch``); neither changes the order, and the iterator state restores exactly.
+  (grain ``mp_prefetch``, a few seconds to start); neither changes the batches or their order,
+  and the iterator state restores exactly.
   """
   shard = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
   if global_batch_size % shard.shard_count:
@@ -139,10 +141,11 @@ def train_dataset(source, tokenizer, *, global_batch_size: int, max_len: int, se
         .map_with_index(lambda i, rows: (i, rows))
         .to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                            prefetch_buffer_size=max(1, num_threads))))
-  ds = grain.experimental.FlatMapIterDataset(ds, batcher)
-  if num_workers:
+  if num_workers:  # workers tokenise whole windows, which come back in order
+    if not flags.FLAGS.is_parsed():  # grain reads absl flags; outside an absl app use defaults
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  return ds
+  return grain.experimental.FlatMapIterDataset(ds, batcher)
 
 
 def length_report(source, tokenizer, max_len: int, limit: int | None = None) -> dict:
