@@ -54,10 +54,19 @@ def build_terms(loss_cfg) -> list[Term]:
   return terms
 
 
-def forward_pairs(model, batch) -> losses.PairOutputs:
-  """Runs chosen and rejected sequences through the model in one pass of 2B sequences."""
-  b, _, l = batch["tokens"].shape
-  reward_2B, h_2BxLxD = model(batch["tokens"].reshape(2 * b, l), batch["mask"].reshape(2 * b, l))
+def forward_pairs(model, batch, start_layer: int = 0) -> losses.PairOutputs:
+  """Runs chosen and rejected sequences through the model in one pass of 2B sequences.
+
+  A batch from the loss lab carries ``features`` [B, 2, L, D] (the cached hidden states entering
+  block ``start_layer``) instead of ``tokens``; the rest of the model runs on them.
+  """
+  b, _, l = batch["mask"].shape
+  mask_2BxL = batch["mask"].reshape(2 * b, l)
+  if "features" in batch:
+    reward_2B, h_2BxLxD = model.from_features(
+        batch["features"].reshape(2 * b, l, -1), mask_2BxL, start_layer)
+  else:
+    reward_2B, h_2BxLxD = model(batch["tokens"].reshape(2 * b, l), mask_2BxL)
   reward_Bx2 = reward_2B.reshape(b, 2)
   h_Bx2xLxD = h_2BxLxD.reshape(b, 2, l, -1)
   return losses.PairOutputs(
@@ -68,9 +77,9 @@ def forward_pairs(model, batch) -> losses.PairOutputs:
       margin_B=batch["margin"])
 
 
-def objective(model, batch, key, terms: list[Term]):
+def objective(model, batch, key, terms: list[Term], start_layer: int = 0):
   """Total loss and a flat metrics dict (``<term>_loss``, ``<term>/<metric>``, ...)."""
-  out = forward_pairs(model, batch)
+  out = forward_pairs(model, batch, start_layer)
   total = jnp.zeros((), jnp.float32)
   metrics = losses.pair_metrics(out.reward_chosen_B, out.reward_rejected_B)
   for i, (name, weight, fn) in enumerate(terms):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 
@@ -44,6 +45,10 @@ def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
 ARCH_EXEMPT = ("init_from", "dtype", "param_dtype")  # model fields that are not architecture
 
 
+def _same(a, b) -> bool:  # floats from checkpoints are often float32 roundings (GGUF)
+  return math.isclose(a, b, rel_tol=1e-6) if isinstance(a, float) else a == b
+
+
 def model_config(config) -> LlamaConfig:
   """``config.model`` as a ``LlamaConfig``. With ``model.init_from`` the architecture is the
   checkpoint's; any architecture field the config also sets must agree with it."""
@@ -54,7 +59,7 @@ def model_config(config) -> LlamaConfig:
   cfg = convert.pretrained_config(init_from, dtype=fields.get("dtype", "float32"),
                                   param_dtype=fields.get("param_dtype", "float32"))
   wrong = {k: (v, getattr(cfg, k)) for k, v in fields.items()
-           if k not in ARCH_EXEMPT and v is not None and getattr(cfg, k) != v}
+           if k not in ARCH_EXEMPT and v is not None and not _same(getattr(cfg, k), v)}
   if wrong:
     raise ValueError(f"model.init_from={init_from}: the checkpoint disagrees with the config on "
                      + ", ".join(f"model.{k}={a!r} (checkpoint: {b!r})"
@@ -109,9 +114,11 @@ def abstract_state(config, mesh):
 
 # --- steps ---
 
-def make_train_step(graphdef, terms, *, accum_steps: int, seed: int, trainable=nnx.Param):
+def make_train_step(graphdef, terms, *, accum_steps: int, seed: int, trainable=nnx.Param,
+                    start_layer: int = 0):
   """``train_step(state, batch) -> (state, metrics)``: pure; randomness from (seed, step).
-  Gradients flow to the ``trainable`` parameters only (``trainable_filter``)."""
+  Gradients flow to the ``trainable`` parameters only (``trainable_filter``); ``start_layer``:
+  batches of cached features entering that block (``rmjax.loss_lab``)."""
   base_key = jax.random.key(seed)
 
   def train_step(state, batch):
@@ -120,7 +127,8 @@ def make_train_step(graphdef, terms, *, accum_steps: int, seed: int, trainable=n
     model_def, params, rest = nnx.split(model, trainable, ...)
 
     def loss_fn(params, micro_batch, key):
-      return objective.objective(nnx.merge(model_def, params, rest), micro_batch, key, terms)
+      return objective.objective(nnx.merge(model_def, params, rest), micro_batch, key, terms,
+                                 start_layer)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accum_steps == 1:
@@ -148,10 +156,10 @@ def make_train_step(graphdef, terms, *, accum_steps: int, seed: int, trainable=n
   return train_step
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, start_layer: int = 0):
   def eval_step(state, batch):
     model, _ = unpack(nnx.merge(graphdef, state))
-    out = objective.forward_pairs(model, batch)
+    out = objective.forward_pairs(model, batch, start_layer)
     return out.reward_chosen_B, out.reward_rejected_B
   return eval_step
 

@@ -15,6 +15,8 @@ import numpy as np
 from flax import nnx
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = {"none": None, "dots_saveable": jax.checkpoint_policies.dots_saveable,
+                  "full": jax.checkpoint_policies.nothing_saveable}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +42,9 @@ class LlamaConfig:
   tie_embeddings: bool = True
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype: float32 or bfloat16
+  # per-block rematerialisation (memory for compute): 'none', 'dots_saveable' (keep matmul
+  # outputs, recompute the rest in the backward pass) or 'full' (keep only each block's input)
+  remat: str = "none"
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -48,6 +53,8 @@ class LlamaConfig:
     if self.rope_type not in ("default", "linear", "llama3"):
       raise ValueError(f"model.rope_type={self.rope_type!r}: expected 'default', 'linear' or "
                        "'llama3'")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
     for f in ("param_dtype", "dtype"):
       if getattr(self, f) not in DTYPES:
         raise ValueError(f"model.{f}={getattr(self, f)!r}: expected one of {sorted(DTYPES)}")
@@ -142,8 +149,15 @@ class Block(nnx.Module):
     self.mlp_norm = _rmsnorm(cfg, rngs)
     self.mlp = MLP(cfg, rngs=rngs)
     self.dtype = DTYPES[cfg.dtype]
+    self.remat = cfg.remat
 
   def __call__(self, x_BxLxD, pos_BxL, mask_BxLxL):
+    if self.remat == "none":
+      return self.forward(x_BxLxD, pos_BxL, mask_BxLxL)
+    forward = nnx.remat(Block.forward, policy=REMAT_POLICIES[self.remat])
+    return forward(self, x_BxLxD, pos_BxL, mask_BxLxL)
+
+  def forward(self, x_BxLxD, pos_BxL, mask_BxLxL):
     x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD).astype(self.dtype), pos_BxL, mask_BxLxL)
     return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD).astype(self.dtype))
 
@@ -180,8 +194,22 @@ class Llama(nnx.Module):
     self.final_norm = _rmsnorm(cfg, rngs)
 
   def __call__(self, tokens_BxL: jax.Array, mask_BxL: jax.Array) -> jax.Array:
+    return self.run_from(self.embed(tokens_BxL), mask_BxL, 0)
+
+  def run_from(self, x_BxLxD: jax.Array, mask_BxL: jax.Array, layer: int) -> jax.Array:
+    """Blocks ``layer``.. and the final norm, on ``x`` = the hidden states entering ``layer``."""
+    pos_BxL, mask_BxLxL = positions_and_mask(mask_BxL, self.cfg.sliding_window)
+    for block in self.layers[layer:]:
+      x_BxLxD = block(x_BxLxD, pos_BxL, mask_BxLxL)
+    return self.final_norm(x_BxLxD)
+
+  def features(self, tokens_BxL: jax.Array, mask_BxL: jax.Array, layer: int) -> jax.Array:
+    """The hidden states entering block ``layer``; ``layer = num_layers``: the final-norm output
+    (the last layer). ``run_from(features(t, m, k), m, k)`` equals ``self(t, m)``."""
+    if layer == self.cfg.num_layers:
+      return self(tokens_BxL, mask_BxL)
     pos_BxL, mask_BxLxL = positions_and_mask(mask_BxL, self.cfg.sliding_window)
     x_BxLxD = self.embed(tokens_BxL)
-    for layer in self.layers:
-      x_BxLxD = layer(x_BxLxD, pos_BxL, mask_BxLxL)
-    return self.final_norm(x_BxLxD)
+    for block in self.layers[:layer]:
+      x_BxLxD = block(x_BxLxD, pos_BxL, mask_BxLxL)
+    return x_BxLxD

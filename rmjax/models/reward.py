@@ -31,7 +31,18 @@ class RewardModel(nnx.Module):
                            kernel_init=nnx.with_partitioning(init, ("embed", None)), rngs=rngs)
 
   def __call__(self, tokens_BxL: jax.Array, mask_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
-    h_BxLxD = self.backbone(tokens_BxL, mask_BxL).astype(jnp.float32)
+    return self.score(self.backbone(tokens_BxL, mask_BxL), mask_BxL)
+
+  def from_features(self, x_BxLxD: jax.Array, mask_BxL: jax.Array, layer: int
+                    ) -> tuple[jax.Array, jax.Array]:
+    """Same outputs from cached ``backbone.features(tokens, mask, layer)`` (the loss lab)."""
+    if layer == self.backbone.cfg.num_layers:
+      return self.score(x_BxLxD, mask_BxL)
+    return self.score(self.backbone.run_from(x_BxLxD, mask_BxL, layer), mask_BxL)
+
+  def score(self, h_BxLxD: jax.Array, mask_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(reward_B, h_BxLxD)`` from last-layer hidden states: the head at the last real token."""
+    h_BxLxD = h_BxLxD.astype(jnp.float32)
     last_B = last_token_index(mask_BxL)
     h_last_BxD = jnp.take_along_axis(h_BxLxD, last_B[:, None, None], axis=1)[:, 0]
     return self.head(h_last_BxD)[:, 0], h_BxLxD

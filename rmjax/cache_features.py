@@ -1,0 +1,211 @@
+"""Cache a frozen backbone's hidden states once, for the loss lab (``rmjax.loss_lab``).
+
+  python -m rmjax.cache_features --config=configs/gsm8k.py --layer=28 --out=features/gsm8k_l28 \
+      [--splits=train,validation] [--limit=N] [--checkpoint=RUN_DIR]
+
+For every pair of each split it stores the hidden states *entering* block ``--layer`` (``layer =
+num_layers``: the final-norm output, for head-only training) of the chosen and rejected sequence,
+with the tokens (to tell identical solutions apart), masks, response masks, margins and problem
+ids. The backbone is the config's
+(``model.init_from`` or random init) or a trained run's (``--checkpoint``). Also saved: the
+parameters from block ``layer`` up (and the head), which the lab trains, and ``meta.json``.
+
+Layout: ``OUT/meta.json``, ``OUT/top_params.npz``, ``OUT/<split>/<shard:05d>/<field>.npy``. Each
+shard is written to a temporary folder and renamed when complete: a killed run resumes at the
+first missing shard and never leaves a partial one. The disk size is printed before it starts.
+
+# N: pairs, L: sequence length, D: model dim
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from rmjax import sharding
+from rmjax.data import sources
+from rmjax.data.pipeline import eval_batches
+
+FIELDS = ("features", "tokens", "mask", "response", "margin", "problem_id")
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+
+
+def top_param_paths(flat_params: dict, layer: int) -> list[str]:
+  """Parameters the lab can train on features entering ``layer``: blocks >= layer, the final
+  norm (when ``layer`` < num_layers) and the head."""
+  num_layers = 1 + max(int(p.split("/")[2]) for p in flat_params if p.startswith("backbone/layers"))
+  def keep(p):
+    parts = p.split("/")
+    return (parts[0] == "head" or (layer < num_layers and parts[1] == "final_norm")
+            or (parts[1] == "layers" and int(parts[2]) >= layer))
+  return [p for p in flat_params if keep(p)]
+
+
+class FeatureSource:
+  """Random access to one cached split: ``source[i]`` is one pair's arrays (grain-compatible)."""
+
+  def __init__(self, directory: str, split: str):
+    with open(os.path.join(directory, "meta.json")) as f:
+      self.meta = json.load(f)
+    if split not in self.meta["splits"]:
+      raise ValueError(f"{directory}: no cached split {split!r}; it has "
+                       f"{sorted(self.meta['splits'])}")
+    self.root = os.path.join(directory, split)
+    self.shard_size = self.meta["shard_size"]
+    self.n = self.meta["splits"][split]
+    self._open: dict[int, dict] = {}
+
+  def __len__(self) -> int:
+    return self.n
+
+  def shard(self, s: int) -> dict[str, np.ndarray]:
+    if s not in self._open:
+      folder = os.path.join(self.root, f"{s:05d}")
+      if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: shard missing; rerun rmjax.cache_features to finish")
+      self._open[s] = {k: np.load(os.path.join(folder, f"{k}.npy"), mmap_mode="r")
+                       for k in FIELDS}
+    return self._open[s]
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    if not 0 <= i < self.n:
+      raise IndexError(i)
+    arrays = self.shard(i // self.shard_size)
+    return {k: np.asarray(v[i % self.shard_size]) for k, v in arrays.items()}
+
+  def arrays(self) -> dict[str, np.ndarray]:
+    """The whole split in memory (for evaluation)."""
+    shards = [self.shard(s) for s in range(-(-self.n // self.shard_size))]
+    return {k: np.concatenate([sh[k] for sh in shards])[:self.n] for k in FIELDS}
+
+
+def cache(config, model, layer: int, out: str, splits=("train", "validation"), *,
+          limit: int | dict = 0, batch_size: int = 8, dtype: str = "float32", mesh=None) -> dict:
+  """Writes (or completes) the cache in ``out``; returns ``meta``. ``model`` is the frozen
+  ``RewardModel``; ``limit`` > 0 keeps only the first ``limit`` pairs of each split (a dict:
+  per split, 0 = all)."""
+  cfg = model.backbone.cfg
+  if not 0 <= layer <= cfg.num_layers:
+    raise ValueError(f"--layer={layer}: expected 0..{cfg.num_layers} (num_layers = last layer)")
+  tokenizer = sources.make_tokenizer(config)
+  split_sources = {s: sources.make_source(config, s) for s in splits}
+  limits = limit if isinstance(limit, dict) else {s: limit for s in splits}
+  counts = {s: min(len(src), limits.get(s, 0)) if limits.get(s, 0) else len(src)
+            for s, src in split_sources.items()}
+  max_len, itemsize = config.data.max_len, np.dtype(DTYPES[dtype]).itemsize
+  total = sum(counts.values()) * 2 * max_len * (cfg.dim * itemsize + 8)
+  print(f"cache_features: {counts} pairs x 2 x {max_len} tokens x {cfg.dim} dims ({dtype}) "
+        f"= {total / 2**30:.2f} GiB in {out}", flush=True)
+  os.makedirs(out, exist_ok=True)
+  meta = {"layer": layer, "max_len": max_len, "dtype": dtype, "shard_size": batch_size,
+          "splits": counts, "model": dataclasses.asdict(cfg), "config": config.to_dict()}
+  meta_path = os.path.join(out, "meta.json")
+  if os.path.exists(meta_path):
+    with open(meta_path) as f:
+      old = json.load(f)
+    if {k: old[k] for k in ("layer", "max_len", "dtype", "shard_size", "splits", "model")} != \
+        {k: meta[k] for k in ("layer", "max_len", "dtype", "shard_size", "splits", "model")}:
+      raise ValueError(f"{out}: holds a cache made with other settings; use another --out")
+  with open(meta_path + ".tmp", "w") as f:
+    json.dump(meta, f, indent=1, default=str)
+  os.replace(meta_path + ".tmp", meta_path)
+
+  flat = {"/".join(map(str, p)): v[...]
+          for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  np.savez(os.path.join(out, "top_params.tmp.npz"),
+           **{p: np.asarray(jax.device_get(flat[p])) for p in top_param_paths(flat, layer)})
+  os.replace(os.path.join(out, "top_params.tmp.npz"), os.path.join(out, "top_params.npz"))
+
+  features = jax.jit(lambda t, m: model.backbone.features(t, m, layer))
+  for split, src in split_sources.items():
+    n = counts[split]
+    subset = _Prefix(src, n)
+    batches = eval_batches(subset, tokenizer, global_batch_size=batch_size, max_len=max_len,
+                           padding_side=config.data.padding_side)
+    for s, (batch, n_real) in enumerate(tqdm(batches, total=-(-n // batch_size),
+                                             desc=f"features[{split}]")):
+      folder = os.path.join(out, split, f"{s:05d}")
+      if os.path.isdir(folder):
+        continue  # finished by an earlier run
+      b, _, l = batch["tokens"].shape
+      tokens, mask = batch["tokens"].reshape(2 * b, l), batch["mask"].reshape(2 * b, l)
+      if mesh is not None:
+        tokens, mask = (sharding.host_to_global({"x": x}, mesh)["x"] for x in (tokens, mask))
+      x = np.asarray(jax.device_get(features(tokens, mask)), np.float32)
+      arrays = {"features": x.reshape(b, 2, l, -1).astype(DTYPES[dtype]),
+                "tokens": batch["tokens"], "mask": batch["mask"], "response": batch["response"], "margin": batch["margin"],
+                "problem_id": np.asarray([_problem(subset, s * batch_size + i)
+                                          for i in range(b)], np.int64)}
+      tmp = folder + ".tmp"
+      shutil.rmtree(tmp, ignore_errors=True)
+      os.makedirs(tmp)
+      for k, v in arrays.items():
+        np.save(os.path.join(tmp, f"{k}.npy"), v[:n_real] if n_real < b else v)
+      os.replace(tmp, folder)
+  return meta
+
+
+class _Prefix:
+  def __init__(self, source, n):
+    self.source, self.n = source, n
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    return self.source[i]
+
+
+def _problem(source, i: int) -> int:
+  """The pair's problem id (for per-problem bootstrap); the pair index when there is none."""
+  i = min(i, len(source) - 1)
+  return int(source[i].get("problem_id", i))
+
+
+def _cli():
+  from absl import app, flags
+  from absl import logging as absl_logging
+  from ml_collections import config_flags
+  config_flag = config_flags.DEFINE_config_file("config", None, "Config file [:arg].",
+                                                lock_config=True)
+  layer = flags.DEFINE_integer("layer", None, "Cache the states entering this block "
+                               "(num_layers = the last layer's output).")
+  out = flags.DEFINE_string("out", None, "Output folder.")
+  splits = flags.DEFINE_list("splits", ["train", "validation"], "Splits to cache.")
+  limit = flags.DEFINE_string("limit", "0", "At most this many pairs per split (0 = all), or "
+                              "per split: 'train=400,validation=200'.")
+  batch = flags.DEFINE_integer("batch_size", 8, "Pairs per forward pass (and per shard).")
+  dtype = flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Storage dtype of the states.")
+  checkpoint = flags.DEFINE_string("checkpoint", "", "A trained run's backbone instead.")
+  flags.mark_flags_as_required(["config", "layer", "out"])
+
+  def main(argv):
+    del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    from rmjax import train
+    from rmjax.checkpoint import load_trained
+    config = config_flag.value
+    mesh = sharding.make_mesh((-1, 1, 1))
+    with sharding.use_mesh(mesh):
+      if checkpoint.value:
+        _, model = load_trained(checkpoint.value, mesh)
+      else:
+        model, _ = train.unpack(nnx.merge(*train.create_state(config, mesh)))
+      limits = (int(limit.value) if "=" not in limit.value else
+                {k: int(v) for k, v in (i.split("=") for i in limit.value.split(","))})
+      meta = cache(config, model, layer.value, out.value, tuple(splits.value), limit=limits,
+                   batch_size=batch.value, dtype=dtype.value, mesh=mesh)
+    print(json.dumps({"out": out.value, "layer": meta["layer"], "pairs": meta["splits"]}))
+
+  app.run(main)
+
+
+if __name__ == "__main__":
+  _cli()

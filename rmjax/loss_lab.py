@@ -1,0 +1,117 @@
+"""Loss lab: train the top of a reward model on cached backbone features (``rmjax.cache_features``).
+
+Only the blocks from the cached layer up, the final norm and the head are trained, with the very
+same ``train_step`` and loss terms as full training (``rmjax.train``, ``rmjax.objective``) and the
+same metrics as evaluation (``rmjax.eval.metrics``) — a loss that helps here is a loss that helps
+there, at a fraction of the cost. ``scripts/loss_lab.py`` sweeps settings and seeds with it.
+
+# B: batch of pairs, N: held-out solutions
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from rmjax import objective, sharding
+from rmjax.cache_features import FeatureSource
+from rmjax.eval.metrics import auroc_ci, pairwise_accuracy
+from rmjax.train import create_state, make_eval_step, make_train_step, trainable_filter
+
+BATCH_FIELDS = ("features", "mask", "response", "margin")
+
+
+def lab_config(features_dir: str, **overrides) -> ml_collections.ConfigDict:
+  """The config the features were cached with, set up to train on them; ``overrides`` are
+  dotted paths (``{"loss.beta": 0.1, "optim.lr": 1e-4}``)."""
+  with open(os.path.join(features_dir, "meta.json")) as f:
+    meta = json.load(f)
+  config = ml_collections.ConfigDict(meta["config"])
+  config.model = ml_collections.ConfigDict({**meta["model"], "init_from": ""})
+  config.train.trainable_top_layers = meta["model"]["num_layers"] - meta["layer"]
+  config.train.accum_steps = 1
+  for path, value in overrides.items():
+    *parents, leaf = path.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise ValueError(f"unknown config field {path!r}")
+    node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
+  return config
+
+
+def _load_top_params(state, features_dir: str):
+  """Puts the cached top parameters (the backbone's own weights) into the fresh ``state``."""
+  saved = np.load(os.path.join(features_dir, "top_params.npz"))
+  flat = dict(nnx.to_flat_state(state))
+  for name in saved.files:
+    path = ("model", *(int(p) if p.isdigit() else p for p in name.split("/")))
+    var = flat[path]
+    var.set_value(jax.device_put(saved[name].astype(var.dtype), var[...].sharding))
+  return nnx.from_flat_state(flat)
+
+
+def _batches(source, batch_size: int, *, seed: int):
+  return iter(grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+              .map(lambda ex: {k: ex[k] for k in BATCH_FIELDS})
+              .batch(batch_size, drop_remainder=True))
+
+
+def evaluate(eval_step, state, source: FeatureSource, batch_size: int, *, n_boot: int = 1000
+             ) -> dict[str, float]:
+  """Pairwise accuracy over held-out pairs, and AUROC (with a by-problem bootstrap CI) over the
+  distinct solutions in them (a solution in several pairs counts once)."""
+  data = source.arrays()
+  n = len(source)
+  chosen, rejected = [], []
+  for start in range(0, n, batch_size):
+    idx = np.minimum(np.arange(start, start + batch_size), n - 1)
+    batch = {k: data[k][idx].astype(np.float32 if k == "features" else data[k].dtype)
+             for k in BATCH_FIELDS}
+    r_c, r_r = jax.device_get(eval_step(state, batch))
+    chosen.append(r_c[:n - start])
+    rejected.append(r_r[:n - start])
+  chosen, rejected = np.concatenate(chosen), np.concatenate(rejected)
+  rewards = np.stack([chosen, rejected], 1).reshape(-1)
+  labels = np.tile([1, 0], n)
+  groups = np.repeat(data["problem_id"], 2)
+  rows = data["tokens"].reshape(2 * n, -1)
+  _, first = np.unique(rows, axis=0, return_index=True)
+  ci = auroc_ci(rewards[first], labels[first], groups[first], n_boot=n_boot, seed=0)
+  return {"pairwise_accuracy": pairwise_accuracy(chosen, rejected), "auroc": ci["auroc"],
+          "auroc_low": ci["low"], "auroc_high": ci["high"], "solutions": int(len(first))}
+
+
+def run(config, features_dir: str, *, eval_split: str = "validation", eval_every: int = 0,
+        n_boot: int = 1000, progress: bool = False) -> dict:
+  """Trains ``config.train.steps`` steps on the cached ``train`` split; returns the final held-out
+  metrics and the curve ``history`` (every ``eval_every`` steps, 0 = only at the end)."""
+  train_src, eval_src = FeatureSource(features_dir, "train"), FeatureSource(features_dir, eval_split)
+  layer = train_src.meta["layer"]
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  with sharding.use_mesh(mesh, config.mesh.rules):
+    graphdef, state = create_state(config, pretrained=False)
+    state = _load_top_params(state, features_dir)
+    terms = objective.build_terms(config.loss)
+    step_fn = jax.jit(make_train_step(graphdef, terms, accum_steps=1, seed=config.seed,
+                                      trainable=trainable_filter(config), start_layer=layer),
+                      donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(graphdef, layer))
+    batches = _batches(train_src, config.train.batch_size, seed=config.seed)
+    history, steps = [], config.train.steps
+    for step in range(1, steps + 1):
+      batch = next(batches)
+      batch["features"] = batch["features"].astype(np.float32)
+      state, metrics = step_fn(state, batch)
+      if (eval_every and step % eval_every == 0) or step == steps:
+        m = evaluate(eval_step, state, eval_src, config.train.batch_size, n_boot=n_boot)
+        history.append({"step": step, "train_loss": float(metrics["loss"]), **m})
+        if progress:
+          print(json.dumps(history[-1]), flush=True)
+  return {**history[-1], "history": history}
