@@ -1,0 +1,304 @@
+"""Training throughput: rmjax vs PyTorch ``transformers``, MFU, and the contrastive term's cost.
+
+  python scripts/bench_train.py                      # SmolLM2-135M shape, 4 of its 30 layers
+  python scripts/bench_train.py --layers=30 --losses=bt --steps=2    # the whole 135M model
+  python scripts/bench_train.py --layers=2 --seq=64 --steps=1 --no_torch   # smoke run
+  python scripts/bench_train.py --profile            # + where one rmjax step's time goes
+
+# B: pairs, L: sequence length
+
+One process times every contestant once per round (the rmjax train step with BT only, BT + paper
+contrastive (beta=0.5) and BT + InfoNCE (beta=0.5); the PyTorch step; a large matmul for the peak),
+so that all of them see the same load on a shared machine; it reports medians, and medians of
+per-round ratios for the comparisons. Each contestant is compiled and warmed up before round 1.
+
+The rmjax step is ``rmjax.train.make_train_step`` exactly as ``rmjax.main`` runs it (jitted,
+state donated, AdamW + global-norm clipping + apply_if_finite). The PyTorch step is
+``LlamaForSequenceClassification`` with the same shapes (num_labels=1, SDPA attention), the same
+BT loss on the chosen/rejected rewards, ``clip_grad_norm_`` and ``torch.optim.AdamW`` (fused, its
+fastest CPU path), fp32, ``torch.set_num_threads(os.cpu_count())``.
+
+Model FLOPs per token (PaLM, appendix B): ``6 * N + 12 * layers * heads * head_dim * L`` where N
+counts the non-embedding parameters (the input embedding is a gather, not a matmul) and the second
+term is the attention scores and values, forward + backward, without causal savings (XLA and SDPA
+compute the full L x L block). MFU = achieved model FLOP/s / peak, per round, then the median; the
+peak is that round's FLOP/s of a jitted square matmul in the compute dtype (best of 3), or
+``--peak_tflops`` for a named accelerator.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_LAYERS = flags.DEFINE_integer("layers", 4, "Decoder layers (SmolLM2-135M has 30).")
+_SEQ = flags.DEFINE_integer("seq", 256, "L: tokens per sequence.")
+_PAIRS = flags.DEFINE_integer("pairs", 4, "B: preference pairs per step (2B sequences).")
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed rounds (one step of every contestant each).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "rmjax compute dtype.")
+_VOCAB = flags.DEFINE_integer("vocab", 49152, "Vocabulary size.")
+_DIM = flags.DEFINE_integer("dim", 576, "Model dim.")
+_HEADS = flags.DEFINE_integer("heads", 9, "Query heads.")
+_KV_HEADS = flags.DEFINE_integer("kv_heads", 3, "Key/value heads.")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Head dim.")
+_MLP = flags.DEFINE_integer("mlp", 1536, "MLP hidden dim.")
+_ROPE_THETA = flags.DEFINE_float("rope_theta", 1e5, "RoPE base.")
+_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None,
+                                  "Named accelerator peak (TFLOP/s) instead of the measured one.")
+_PEAK_N = flags.DEFINE_integer("peak_n", 2048, "Size of the square matmul that measures the peak.")
+_LOSSES = flags.DEFINE_list("losses", ["bt", "paper", "infonce"],
+                           "rmjax objectives to time: bt (BT only), paper (+ beta=0.5 paper "
+                           "contrastive), infonce (+ beta=0.5 in-batch InfoNCE); bt is required.")
+_NO_TORCH = flags.DEFINE_bool("no_torch", False, "Skip the PyTorch comparison.")
+_PROFILE = flags.DEFINE_bool("profile", False,
+                             "Trace one rmjax BT step (jax.profiler) and print where its time "
+                             "goes: matmuls, layout copies, the rest.")
+
+
+def config_for(variant: str):
+  from configs import synthetic
+  c = synthetic.get_config(variant)
+  c.model.update(vocab_size=_VOCAB.value, dim=_DIM.value, num_layers=_LAYERS.value,
+                 num_heads=_HEADS.value, num_kv_heads=_KV_HEADS.value, head_dim=_HEAD_DIM.value,
+                 mlp_dim=_MLP.value, rope_theta=_ROPE_THETA.value, dtype=_DTYPE.value)
+  c.train.batch_size = _PAIRS.value
+  c.mesh.shape = (1, 1, 1)
+  return c
+
+
+def random_batch(seed: int = 0) -> dict[str, np.ndarray]:
+  """Full-length pairs of random tokens (never the pad id 0); the first quarter is the prompt."""
+  b, l = _PAIRS.value, _SEQ.value
+  rng = np.random.default_rng(seed)
+  response_L = (np.arange(l) >= l // 4).astype(np.int32)
+  return {"tokens": rng.integers(1, _VOCAB.value, size=(b, 2, l), dtype=np.int32),
+          "mask": np.ones((b, 2, l), np.int32),
+          "response": np.broadcast_to(response_L, (b, 2, l)).copy(),
+          "margin": np.zeros((b,), np.float32)}
+
+
+def flops_per_token(n_nonembed: int) -> float:
+  return 6 * n_nonembed + 12 * _LAYERS.value * _HEADS.value * _HEAD_DIM.value * _SEQ.value
+
+
+class JaxStep:
+  """One jitted, donated rmjax train step; calling it runs a step and returns its seconds."""
+
+  def __init__(self, variant: str, batch):
+    import jax
+    from flax import nnx
+
+    from rmjax import objective, train
+    config = config_for(variant)
+    self.graphdef, self.state = train.create_state(config)
+    step = train.make_train_step(self.graphdef, objective.build_terms(config.loss),
+                                 accum_steps=1, seed=config.seed)
+    self.step = jax.jit(step, donate_argnums=0)
+    self.batch = jax.device_put(batch)
+    self.compiled = self.step.lower(self.state, self.batch).compile()
+    params = nnx.state(nnx.merge(self.graphdef, self.state)["model"], nnx.Param)
+    self.n_params = sum(x.size for x in jax.tree.leaves(params))
+    self.n_embed = params["backbone"]["embed"]["embedding"].size
+
+  def __call__(self) -> float:
+    import jax
+    t0 = time.perf_counter()
+    self.state, metrics = self.step(self.state, self.batch)
+    jax.block_until_ready((self.state, metrics))
+    return time.perf_counter() - t0
+
+
+class TorchStep:
+  """The same step in PyTorch ``transformers``: LlamaForSequenceClassification, BT, AdamW."""
+
+  def __init__(self, batch):
+    import torch
+    import transformers
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=_VOCAB.value, hidden_size=_DIM.value, intermediate_size=_MLP.value,
+        num_hidden_layers=_LAYERS.value, num_attention_heads=_HEADS.value,
+        num_key_value_heads=_KV_HEADS.value, head_dim=_HEAD_DIM.value,
+        rope_theta=_ROPE_THETA.value, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        num_labels=1, pad_token_id=0, attn_implementation="sdpa")
+    self.torch = torch
+    self.model = transformers.LlamaForSequenceClassification(cfg).train()
+    self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
+    b, _, l = batch["tokens"].shape
+    self.tokens_2BxL = torch.from_numpy(batch["tokens"].reshape(2 * b, l)).long()
+    self.mask_2BxL = torch.from_numpy(batch["mask"].reshape(2 * b, l)).long()
+
+  def __call__(self) -> float:
+    torch = self.torch
+    t0 = time.perf_counter()
+    reward_Bx2 = self.model(input_ids=self.tokens_2BxL,
+                            attention_mask=self.mask_2BxL).logits.reshape(-1, 2)
+    loss = -torch.nn.functional.logsigmoid(reward_Bx2[:, 0] - reward_Bx2[:, 1]).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+    self.opt.step()
+    self.opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+class PeakMatmul:
+  """A jitted ``n x n @ n x n`` matmul in the compute dtype; returns seconds per matmul."""
+
+  def __init__(self, n: int, dtype: str):
+    import jax
+    import jax.numpy as jnp
+    k1, k2 = jax.random.split(jax.random.key(0))
+    self.a = jax.random.normal(k1, (n, n), dtype)
+    self.b = jax.random.normal(k2, (n, n), dtype)
+    self.mm = jax.jit(jnp.matmul)
+    self.flops = 2 * n ** 3
+    self.mm(self.a, self.b).block_until_ready()
+
+  def __call__(self, reps: int = 3) -> float:
+    best = float("inf")
+    for _ in range(reps):
+      t0 = time.perf_counter()
+      self.mm(self.a, self.b).block_until_ready()
+      best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def xla_cost(compiled) -> tuple[float, float]:
+  """XLA's count of FLOPs and bytes accessed by one execution of a compiled step."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float(cost.get("flops", np.nan)), float(cost.get("bytes accessed", np.nan))
+
+
+def profile(step: JaxStep) -> None:
+  """Traces one step and sums XLA:CPU op time by kind (ops run on 2 threads: sums exceed wall)."""
+  import collections
+  import glob
+  import tempfile
+
+  import jax
+  from jax.profiler import ProfileData
+  with tempfile.TemporaryDirectory() as tmp:
+    jax.profiler.start_trace(tmp)
+    wall = step()
+    jax.profiler.stop_trace()
+    data = ProfileData.from_file(glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0])
+  by_op = collections.Counter()
+  for plane in data.planes:
+    for line in plane.lines:
+      if not line.name.startswith("tf_XLA"):  # XLA's worker threads; not Python's
+        continue
+      for e in line.events:
+        if not e.name.startswith(("Threadpool", "end:", "Slinky", "ThunkExecutor")):
+          by_op[e.name] += e.duration_ns / 1e9
+  kind = lambda op: ("matmul" if op.startswith(("ynn_fusion", "dot")) else
+                     "layout copy / transpose" if "copy" in op or "transpose" in op else
+                     "elementwise, reductions, rest")
+  by_kind = collections.Counter()
+  for op, t in by_op.items():
+    by_kind[kind(op)] += t
+  total = sum(by_kind.values())
+  print(f"profile of one rmjax BT step ({wall:.2f} s wall, {total:.2f} s summed over ops):")
+  for k, t in by_kind.most_common():
+    print(f"  {k:30s} {t:7.2f} s  {t / total:6.1%}")
+  print("  top ops: " + ", ".join(f"{op} {t:.2f} s" for op, t in by_op.most_common(6)))
+
+
+def machine() -> str:
+  out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+  name = next((line.split(":", 1)[1].strip() for line in out.splitlines()
+               if line.startswith("Model name")), platform.processor())
+  return f"{name}, {os.cpu_count()} cores"
+
+
+def main(argv):
+  del argv
+  import jax
+
+  from rmjax import sharding
+  if "bt" not in _LOSSES.value:
+    raise app.UsageError("--losses must include bt (the baseline of every comparison)")
+  batch = random_batch()
+  tokens_per_step = 2 * _PAIRS.value * _SEQ.value
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  with sharding.use_mesh(mesh):
+    t0 = time.perf_counter()
+    contestants = {f"rmjax {v}": JaxStep(v, batch) for v in _LOSSES.value}
+    print(f"compiled {len(contestants)} rmjax steps in {time.perf_counter() - t0:.1f} s",
+          flush=True)
+    bt = contestants["rmjax bt"]
+    if not _NO_TORCH.value:
+      contestants["torch bt"] = TorchStep(batch)
+    if _PEAK_TFLOPS.value is None:
+      contestants["peak"] = PeakMatmul(_PEAK_N.value, _DTYPE.value)
+    for run in contestants.values():  # warm-up: first-call allocations, fused AdamW state
+      run()
+    if _PROFILE.value:
+      profile(bt)
+    times = {name: [] for name in contestants}
+    for r in range(_STEPS.value):
+      for name, run in contestants.items():
+        times[name].append(run())
+      print(f"round {r + 1}/{_STEPS.value}: " +
+            ", ".join(f"{n} {times[n][-1]:.3f} s" for n in contestants), flush=True)
+
+  t = {name: np.asarray(ts) for name, ts in times.items()}
+  med = {name: float(np.median(ts)) for name, ts in t.items()}
+  n_nonembed = bt.n_params - bt.n_embed
+  step_flops = flops_per_token(n_nonembed) * tokens_per_step
+  xla = {name: xla_cost(c.compiled) for name, c in contestants.items() if name.startswith("rmjax")}
+  if _PEAK_TFLOPS.value is None:  # per round, so that the step and its peak share the load
+    peak_R = contestants["peak"].flops / t["peak"]
+    peak_desc = f"jitted {_PEAK_N.value}^2 {_DTYPE.value} matmul, best of 3 in each round"
+  else:
+    peak_R = np.full(_STEPS.value, _PEAK_TFLOPS.value * 1e12)
+    peak_desc = "named with --peak_tflops"
+  achieved_R = step_flops / t["rmjax bt"]
+  mfu = float(np.median(achieved_R / peak_R))
+  tok_s = tokens_per_step / med["rmjax bt"]
+
+  print(f"\nmodel: {_LAYERS.value} layers, dim {_DIM.value}, {_HEADS.value}/{_KV_HEADS.value} "
+        f"heads x {_HEAD_DIM.value}, mlp {_MLP.value}, vocab {_VOCAB.value}: "
+        f"{bt.n_params / 1e6:.1f}M params ({n_nonembed / 1e6:.1f}M non-embedding); "
+        f"{_PAIRS.value} pairs x 2 x {_SEQ.value} = {tokens_per_step} tokens/step; "
+        f"{_DTYPE.value}; {machine()}")
+  print(f"model FLOPs/token {step_flops / tokens_per_step / 1e6:.1f} M = 6 x "
+        f"{n_nonembed / 1e6:.1f}M + attention {(step_flops / tokens_per_step - 6 * n_nonembed) / 1e6:.1f}M "
+        f"(XLA counts {xla['rmjax bt'][0] / tokens_per_step / 1e6:.1f} M in the compiled BT step)")
+  for name in contestants:
+    if name != "peak":
+      print(f"{name:14s} step {med[name]:7.3f} s (min {t[name].min():.3f}, max "
+            f"{t[name].max():.3f})  {tokens_per_step / med[name]:8.1f} tokens/s")
+  print(f"peak {np.median(peak_R) / 1e9:.1f} GFLOP/s median, {np.max(peak_R) / 1e9:.1f} max "
+        f"({peak_desc})")
+  print(f"rmjax BT achieved {np.median(achieved_R) / 1e9:.1f} GFLOP/s; MFU {mfu:.1%} "
+        f"(median over rounds of achieved / that round's peak)")
+  overhead = {}
+  for v in _LOSSES.value:
+    if v != "bt":
+      overhead[v] = float(np.median(t[f"rmjax {v}"] / t["rmjax bt"]) - 1)
+      f, b = (x / y - 1 for x, y in zip(xla[f"rmjax {v}"], xla["rmjax bt"]))
+      print(f"contrastive overhead, {v}: {overhead[v]:+.1%} step time (median of per-round "
+            f"ratios); XLA FLOPs {f:+.2%}, bytes accessed {b:+.2%}")
+  summary = [f"`python scripts/bench_train.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
+             machine(), str(datetime.date.today()), f"rmjax {tok_s:.0f} tok/s"]
+  if "torch bt" in t:
+    ratio = float(np.median(t["torch bt"] / t["rmjax bt"]))
+    print(f"rmjax / PyTorch tokens/s: {ratio:.2f}x (median of per-round ratios)")
+    summary += [f"torch {tokens_per_step / med['torch bt']:.0f} tok/s", f"ratio {ratio:.2f}x"]
+  summary.append(f"MFU {mfu:.0%} of {np.median(peak_R) / 1e9:.0f} GFLOP/s")
+  summary += [f"contrastive {v} {o:+.0%}" for v, o in overhead.items()]
+  print("README row: | " + " | ".join(summary) + " |")
+
+
+if __name__ == "__main__":
+  app.run(main)
