@@ -110,8 +110,8 @@ def cache(config, model, layer: int, out: str, splits=("train", "validation"), *
   if os.path.exists(meta_path):
     with open(meta_path) as f:
       old = json.load(f)
-    if {k: old[k] for k in ("layer", "max_len", "dtype", "shard_size", "splits", "model")} != \
-        {k: meta[k] for k in ("layer", "max_len", "dtype", "shard_size", "splits", "model")}:
+    same = ("layer", "max_len", "dtype", "shard_size", "model")  # split sizes may change
+    if {k: old[k] for k in same} != {k: meta[k] for k in same}:
       raise ValueError(f"{out}: holds a cache made with other settings; use another --out")
   with open(meta_path + ".tmp", "w") as f:
     json.dump(meta, f, indent=1, default=str)
@@ -133,7 +133,9 @@ def cache(config, model, layer: int, out: str, splits=("train", "validation"), *
                                              desc=f"features[{split}]")):
       folder = os.path.join(out, split, f"{s:05d}")
       if os.path.isdir(folder):
-        continue  # finished by an earlier run
+        if len(np.load(os.path.join(folder, "mask.npy"), mmap_mode="r")) == n_real:
+          continue  # finished by an earlier run
+        shutil.rmtree(folder)  # the last shard of a run with another --limit
       b, _, l = batch["tokens"].shape
       tokens, mask = batch["tokens"].reshape(2 * b, l), batch["mask"].reshape(2 * b, l)
       if mesh is not None:
