@@ -101,9 +101,8 @@ class JaxStep:
     self.graphdef, self.state = train.create_state(config)
     step = train.make_train_step(self.graphdef, objective.build_terms(config.loss),
                                  accum_steps=1, seed=config.seed)
-    self.step = jax.jit(step, donate_argnums=0)
     self.batch = jax.device_put(batch)
-    self.compiled = self.step.lower(self.state, self.batch).compile()
+    self.compiled = jax.jit(step, donate_argnums=0).lower(self.state, self.batch).compile()
     params = nnx.state(nnx.merge(self.graphdef, self.state)["model"], nnx.Param)
     self.n_params = sum(x.size for x in jax.tree.leaves(params))
     self.n_embed = params["backbone"]["embed"]["embedding"].size
@@ -111,7 +110,7 @@ class JaxStep:
   def __call__(self) -> float:
     import jax
     t0 = time.perf_counter()
-    self.state, metrics = self.step(self.state, self.batch)
+    self.state, metrics = self.compiled(self.state, self.batch)
     jax.block_until_ready((self.state, metrics))
     return time.perf_counter() - t0
 
@@ -271,9 +270,10 @@ def main(argv):
         f"{bt.n_params / 1e6:.1f}M params ({n_nonembed / 1e6:.1f}M non-embedding); "
         f"{_PAIRS.value} pairs x 2 x {_SEQ.value} = {tokens_per_step} tokens/step; "
         f"{_DTYPE.value}; {machine()}")
+  attn_per_token = step_flops / tokens_per_step - 6 * n_nonembed
   print(f"model FLOPs/token {step_flops / tokens_per_step / 1e6:.1f} M = 6 x "
-        f"{n_nonembed / 1e6:.1f}M + attention {(step_flops / tokens_per_step - 6 * n_nonembed) / 1e6:.1f}M "
-        f"(XLA counts {xla['rmjax bt'][0] / tokens_per_step / 1e6:.1f} M in the compiled BT step)")
+        f"{n_nonembed / 1e6:.1f}M + attention {attn_per_token / 1e6:.1f}M (XLA counts "
+        f"{xla['rmjax bt'][0] / tokens_per_step / 1e6:.1f} M in the compiled BT step)")
   for name in contestants:
     if name != "peak":
       print(f"{name:14s} step {med[name]:7.3f} s (min {t[name].min():.3f}, max "
