@@ -119,8 +119,11 @@ def train_dataset(source, tokenizer, *, global_batch_size: int, max_len: int, se
                   shard_options: grain.sharding.ShardOptions | None = None) -> grain.IterDataset:
   """Infinite, reshuffled each epoch, this process's share of every global batch.
 
-  ``shard_options`` (default ``ShardByJaxProcess``) picks this process's share: pair positions
-  ``shard_index, shard_index + shard_count, ...`` of the shuffled stream. ``num_threads`` read and
+  ``shard_options`` (default ``ShardByJaxProcess``) picks this process's share: window
+  ``shard_index, shard_index + shard_count, ...`` of the shuffled stream cut into windows of
+  ``sort_window`` local batches. With ``sort_window=1`` a process holds a contiguous block of each
+  global batch, the rows its devices hold, so the global batch and its row order do not depend on
+  the process count. ``num_threads`` read and
   tokenise windows in parallel threads, ``num_workers`` > 0 adds that many worker processes
   (grain ``mp_prefetch``, a few seconds to start); neither changes the batches or their order,
   and the iterator state restores exactly.
@@ -135,9 +138,9 @@ def train_dataset(source, tokenizer, *, global_batch_size: int, max_len: int, se
   ds = (grain.MapDataset.source(source)
         .shuffle(seed=seed)
         .repeat()
-        [shard.shard_index::shard.shard_count]
         .map(lambda ex: encode_pair(ex, tokenizer, max_len, padding_side))
         .batch(batch_size * sort_window, drop_remainder=True)
+        [shard.shard_index::shard.shard_count]
         .map_with_index(lambda i, rows: (i, rows))
         .to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                            prefetch_buffer_size=max(1, num_threads))))
