@@ -7,6 +7,7 @@ Variants (``:arg``): ``paper`` (default, BT + paper contrastive), ``bt``, ``info
 ``,tiny`` (e.g. ``paper,tiny``) for a seconds-long smoke run.
 """
 from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
 
 from rmjax.sharding import DEFAULT_RULES
 
@@ -41,7 +42,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.model.norm_eps = 1e-5
   c.model.qkv_bias = False  # True for Qwen2-style models
   c.model.param_dtype = "float32"
-  c.model.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16'
+  c.model.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (weights stay param_dtype)
+  c.model.remat = "none"  # recompute activations per block: 'none', 'dots_saveable', 'full'
 
   c.loss = ConfigDict()
   c.loss.bt_weight = 1.0  # weight of the Bradley-Terry term
@@ -77,6 +79,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
 
   c.mesh = ConfigDict()
   c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
+  # multi-slice: slices spanned by each axis over the data-centre network, e.g. '(2,1,1)' for
+  # data parallelism across 2 TPU slices; mesh.shape is then the mesh within one slice
+  c.mesh.dcn_shape = placeholder(tuple)
   c.mesh.rules = DEFAULT_RULES  # logical axis -> mesh axes (rmjax.sharding)
 
   if variant == "bt":

@@ -3,10 +3,12 @@
 A save is atomic (Orbax writes to a temporary folder and renames it when complete), so a run killed
 mid-save leaves no half checkpoint behind as "latest". A checkpoint that still fails to restore
 (truncated or edited files) is renamed ``<step>.corrupt-<n>`` (never deleted) with a warning, and
-the previous one is tried.
+the previous one is tried. A checkpoint restores under any process count (the data position is
+shared by all processes).
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -40,9 +42,19 @@ class Checkpointer:
     """
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        data_states = glob.glob(os.path.join(self.directory, str(step), "data", "process_*.json"))
+        own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if own in map(os.path.basename, data_states) or not data_states:
+          restored = self.manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state),
+              data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        else:
+          # saved by another process count: every process's iterator holds the same position
+          # (the number of global batches read; see rmjax.data.pipeline), so any file will do
+          restored = self.manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state)))
+          with open(sorted(data_states)[0]) as f:
+            data_iterator.set_state(json.load(f))
         return step, restored["state"]
       except Exception as e:  # any failure to read means this checkpoint is unusable
         self._set_aside(step, e)

@@ -1,6 +1,9 @@
 """Command line: ``python -m rmjax.main --config=configs/x.py[:arg] --workdir=DIR [--config.k=v]``.
 
-An existing ``--workdir`` resumes its run from the newest good checkpoint.
+An existing ``--workdir`` resumes its run from the newest good checkpoint. The same command runs
+on every process of a multi-process job: TPU pods and SLURM steps are detected
+(``--distributed=auto``); elsewhere pass ``--coordinator=host:port --num_processes=N
+--process_id=i``. Only process 0 writes metrics and prints.
 """
 from __future__ import annotations
 
@@ -15,20 +18,33 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file [:arg].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, eval.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "none", "explicit", "slurm", "tpu"],
+    "How the processes of a job find each other (rmjax.sharding.init_distributed).")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0's coordinator.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's rank, 0..num_processes-1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
-  from rmjax import train  # after flag parsing: a bad flag fails fast, without importing jax
+  # after flag parsing: a bad flag fails fast, without importing jax
+  import jax
+  from rmjax import sharding, train
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
-  logging.getLogger("rmjax").setLevel(logging.INFO)
+  sharding.init_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                            _PROCESS_ID.value)
+  lead = jax.process_index() == 0  # the only process that logs, prints and writes metrics
+  logging.getLogger("rmjax").setLevel(logging.INFO if lead else logging.WARNING)
   config = _CONFIG.value
   os.makedirs(_WORKDIR.value, exist_ok=True)
-  with open(os.path.join(_WORKDIR.value, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if lead:
+    with open(os.path.join(_WORKDIR.value, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   final = train.train(config, _WORKDIR.value)
-  print(json.dumps({"final_eval": final}))
+  if lead:
+    print(json.dumps({"final_eval": final}))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
   return optax.apply_if_finite(tx, max_consecutive_errors=optim.max_consecutive_nonfinite)
 
 
-ARCH_EXEMPT = ("init_from", "dtype", "param_dtype")  # model fields that are not architecture
+ARCH_EXEMPT = ("init_from", "dtype", "param_dtype", "remat")  # fields that are not architecture
 
 
 def _same(a, b) -> bool:  # floats from checkpoints are often float32 roundings (GGUF)
@@ -57,7 +57,8 @@ def model_config(config) -> LlamaConfig:
   if not init_from:
     return LlamaConfig(**fields)
   cfg = convert.pretrained_config(init_from, dtype=fields.get("dtype", "float32"),
-                                  param_dtype=fields.get("param_dtype", "float32"))
+                                  param_dtype=fields.get("param_dtype", "float32"),
+                                  remat=fields.get("remat", "none"))
   wrong = {k: (v, getattr(cfg, k)) for k, v in fields.items()
            if k not in ARCH_EXEMPT and v is not None and not _same(getattr(cfg, k), v)}
   if wrong:
@@ -209,7 +210,7 @@ def train(config, workdir: str) -> dict[str, float]:
   """Trains (or resumes the run in ``workdir``) to ``config.train.steps``; returns final eval."""
   os.makedirs(workdir, exist_ok=True)
   rules = tuple(tuple(r) for r in config.mesh.rules)
-  mesh = sharding.make_mesh(tuple(config.mesh.shape))
+  mesh = sharding.make_mesh(tuple(config.mesh.shape), dcn_shape=config.mesh.get("dcn_shape"))
   with sharding.use_mesh(mesh, rules):
     # --- data ---
     tokenizer = sources.make_tokenizer(config)
@@ -241,7 +242,9 @@ def train(config, workdir: str) -> dict[str, float]:
                         trainable=trainable_filter(config)),
         in_shardings=(state_sharding, None), out_shardings=(state_sharding, None),
         donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(state_sharding, None))
+    # rewards come back replicated: every process reads the whole global batch's
+    eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(state_sharding, None),
+                        out_shardings=sharding.replicated(mesh))
 
     # --- loop ---
     writer = MetricsWriter(workdir)
