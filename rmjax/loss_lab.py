@@ -19,9 +19,10 @@ import numpy as np
 from flax import nnx
 
 from rmjax import objective, sharding
-from rmjax.cache_features import FeatureSource
+from rmjax.cache_features import FeatureSource, top_param_paths
 from rmjax.eval.metrics import auroc_ci, pairwise_accuracy
-from rmjax.train import create_state, make_eval_step, make_train_step, trainable_filter
+from rmjax.train import (create_state, make_eval_step, make_train_step, trainable_filter,
+                         unpack)
 
 BATCH_FIELDS = ("features", "mask", "response", "margin")
 
@@ -46,9 +47,12 @@ def lab_config(features_dir: str, **overrides) -> ml_collections.ConfigDict:
   return config
 
 
-def _load_top_params(state, features_dir: str):
-  """Puts the cached top parameters (the backbone's own weights) into the fresh ``state``."""
-  saved = np.load(os.path.join(features_dir, "top_params.npz"))
+def load_top_params(state, path: str):
+  """Puts saved top parameters into the fresh ``state``: a features folder's
+  ``top_params.npz`` (the backbone's own weights) or a run's ``run(save_to=...)`` file."""
+  if os.path.isdir(path):
+    path = os.path.join(path, "top_params.npz")
+  saved = np.load(path)
   flat = dict(nnx.to_flat_state(state))
   for name in saved.files:
     path = ("model", *(int(p) if p.isdigit() else p for p in name.split("/")))
@@ -89,15 +93,16 @@ def evaluate(eval_step, state, source: FeatureSource, batch_size: int, *, n_boot
 
 
 def run(config, features_dir: str, *, eval_split: str = "validation", eval_every: int = 0,
-        n_boot: int = 1000, progress: bool = False) -> dict:
+        n_boot: int = 1000, progress: bool = False, save_to: str = "") -> dict:
   """Trains ``config.train.steps`` steps on the cached ``train`` split; returns the final held-out
-  metrics and the curve ``history`` (every ``eval_every`` steps, 0 = only at the end)."""
+  metrics and the curve ``history`` (every ``eval_every`` steps, 0 = only at the end).
+  ``save_to``: an ``.npz`` for the trained parameters (``cache_features.top_param_paths`` keys)."""
   train_src, eval_src = FeatureSource(features_dir, "train"), FeatureSource(features_dir, eval_split)
   layer = train_src.meta["layer"]
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   with sharding.use_mesh(mesh, config.mesh.rules):
     graphdef, state = create_state(config, pretrained=False)
-    state = _load_top_params(state, features_dir)
+    state = load_top_params(state, features_dir)
     terms = objective.build_terms(config.loss)
     step_fn = jax.jit(make_train_step(graphdef, terms, accum_steps=1, seed=config.seed,
                                       trainable=trainable_filter(config), start_layer=layer),
@@ -114,4 +119,9 @@ def run(config, features_dir: str, *, eval_split: str = "validation", eval_every
         history.append({"step": step, "train_loss": float(metrics["loss"]), **m})
         if progress:
           print(json.dumps(history[-1]), flush=True)
+    if save_to:
+      model, _ = unpack(nnx.merge(graphdef, state))
+      params = {"/".join(map(str, p)): np.asarray(jax.device_get(v[...]))
+                for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+      np.savez(save_to, **{p: params[p] for p in top_param_paths(params, layer)})
   return {**history[-1], "history": history}

@@ -54,7 +54,7 @@ def main(argv=None) -> None:
     for name, config, batch, start in (("features", lab, feats, layer), ("full", full, tokens, 0)):
       if name == "features":
         graphdef, state = train.create_state(config, pretrained=False)
-        state = loss_lab._load_top_params(state, args.features)
+        state = loss_lab.load_top_params(state, args.features)
       else:
         graphdef, state = train.create_state(config, mesh)
       model, _ = train.unpack(nnx.merge(graphdef, state))

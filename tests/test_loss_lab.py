@@ -35,7 +35,7 @@ def test_features_give_the_full_models_loss_and_gradients(cached):
   key = jax.random.key(7)
   with sharding.use_mesh(mesh):
     graphdef, state = train.create_state(lab, pretrained=False)
-    lab_model, _ = train.unpack(nnx.merge(graphdef, loss_lab._load_top_params(state, out)))
+    lab_model, _ = train.unpack(nnx.merge(graphdef, loss_lab.load_top_params(state, out)))
     trainable = train.trainable_filter(lab)
 
     def loss_and_grads(m, batch, start_layer):

