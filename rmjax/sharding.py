@@ -56,12 +56,12 @@ def init_distributed(mode: str = "auto", coordinator: str | None = None,
     mode = _detect_mode(coordinator, num_processes, process_id)
   if mode == "none":
     return
+  if mode == "explicit" and None in (coordinator, num_processes, process_id):
+    raise ValueError("explicit multi-process start needs --coordinator=host:port, "
+                     f"--num_processes and --process_id (got {coordinator!r}, "
+                     f"{num_processes!r}, {process_id!r})")
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if mode == "explicit":
-    if coordinator is None or num_processes is None or process_id is None:
-      raise ValueError("explicit multi-process start needs --coordinator=host:port, "
-                       f"--num_processes and --process_id (got {coordinator!r}, "
-                       f"{num_processes!r}, {process_id!r})")
     jax.distributed.initialize(coordinator, num_processes, process_id)
   elif mode == "slurm":
     jax.distributed.initialize(**slurm_args(os.environ, coordinator),

@@ -52,3 +52,33 @@ def test_make_mesh_fills_minus_one_and_rejects_bad_shapes():
     sharding.make_mesh((-1, 3, 1))
   with pytest.raises(ValueError, match="needs 4 devices"):
     sharding.make_mesh((2, 2, 1), jax.devices()[:2])
+
+
+def test_dcn_shape_builds_the_hybrid_mesh_and_checks_slices():
+  mesh = sharding.make_mesh((-1, 2, 2), dcn_shape=(1, 1, 1))
+  assert mesh.devices.shape == (2, 2, 2) and mesh.axis_names == sharding.MESH_AXES
+  with pytest.raises(ValueError, match="slices"):
+    sharding.make_mesh((1, 2, 2), dcn_shape=(2, 1, 1))  # one process: one slice
+
+
+def test_slurm_args_one_process_per_gpu_or_per_node():
+  env = {"SLURM_NTASKS": "16", "SLURM_PROCID": "9", "SLURM_LOCALID": "1",
+         "SLURM_STEP_NUM_NODES": "2", "SLURM_JOB_ID": "4097",
+         "SLURM_STEP_NODELIST": "gpu[007-008]"}
+  assert sharding.slurm_args(env) == {"coordinator_address": "gpu007:61441", "num_processes": 16,
+                                      "process_id": 9, "local_device_ids": [1]}
+  per_node = sharding.slurm_args({**env, "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+                                  "SLURM_LOCALID": "0"}, coordinator="head:1234")
+  assert per_node["local_device_ids"] is None and per_node["coordinator_address"] == "head:1234"
+  assert sharding.slurm_args({**env, "CUDA_VISIBLE_DEVICES": "1"})["local_device_ids"] is None
+  with pytest.raises(ValueError, match="srun"):
+    sharding.slurm_args({})
+  assert sharding.first_host("node001,host2") == "node001"
+  assert sharding.first_host("a[01,07-09],b") == "a01"
+
+
+def test_init_distributed_single_process_is_a_no_op():
+  sharding.init_distributed("none")
+  with pytest.raises(ValueError, match="coordinator"):
+    sharding.init_distributed("explicit", num_processes=2)
+  assert jax.process_count() == 1

@@ -1,0 +1,105 @@
+"""Memory levers and the memory planner.
+
+* every remat policy computes the loss and gradients of no remat;
+* bf16 compute keeps fp32 parameters, gradients and optimiser state;
+* ``rmjax.memory.plan`` predicts the train state and batch bytes that XLA reports for the compiled
+  step (arguments, outputs) on 1 device and on the (2, 2, 2) mesh. Its activation estimate is
+  not compared with XLA:CPU's temp bytes: XLA:CPU ignores rematerialisation (a plain
+  ``jax.checkpoint`` MLP reports the same temp bytes as without it) and keeps extra L x L
+  buffers, so its temp size is not what a GPU/TPU compile allocates; see ``scripts/plan_memory.py``.
+"""
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from rmjax import memory, objective, sharding, train
+from tests.helpers import pair_batch, tiny_config
+
+
+def loss_and_grads(config, mesh):
+  graphdef, state = train.create_state(config)
+  terms = objective.build_terms(config.loss)
+  batch = sharding.host_to_global(pair_batch(8, max_len=config.data.max_len), mesh)
+
+  @jax.jit
+  def f(state, batch):
+    model, _ = train.unpack(nnx.merge(graphdef, state))
+    model_def, params, rest = nnx.split(model, nnx.Param, ...)
+    loss_fn = lambda p: objective.objective(nnx.merge(model_def, p, rest), batch,
+                                            jax.random.key(3), terms)[0]
+    return jax.value_and_grad(loss_fn)(params)
+
+  return jax.device_get(f(state, batch))
+
+
+def test_remat_policies_match_no_remat(mesh1):
+  results = {}
+  for remat in ("none", "dots_saveable", "full"):
+    config = tiny_config("bt")  # the blocks are what remat changes; BT compiles fastest
+    config.model.num_layers, config.model.remat = 2, remat
+    results[remat] = loss_and_grads(config, mesh1)
+  loss0, grads0 = results["none"]
+  for remat in ("dots_saveable", "full"):
+    loss, grads = results[remat]
+    np.testing.assert_allclose(loss, loss0, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # recomputation reorders sums
+
+
+def test_bf16_compute_keeps_fp32_master_weights_grads_and_optimizer(mesh1):
+  config = tiny_config("bt")
+  config.model.dtype = "bfloat16"
+  graphdef, state = train.create_state(config)
+  _, grads = loss_and_grads(config, mesh1)
+  arrays = (jax.tree.leaves(nnx.state(state["model"], nnx.Param)) + jax.tree.leaves(grads)
+            + [x for x in jax.tree.leaves(state["optimizer"]) if x.ndim > 0])
+  assert len(arrays) > 30 and {x.dtype for x in arrays} == {np.dtype("float32")}
+
+
+def compiled_stats(config, mesh):
+  """XLA's memory analysis of ``rmjax.train``'s step, compiled as the trainer compiles it."""
+  with sharding.use_mesh(mesh):
+    graphdef, abstract = train.abstract_state(config, mesh)
+    b, l = config.train.batch_size, config.data.max_len
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(
+        shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+    batch = {k: spec((b, 2, l), np.int32) for k in ("tokens", "mask", "response")}
+    batch["margin"] = spec((b,), np.float32)
+    state_sharding = jax.tree.map(lambda x: x.sharding, abstract)
+    step = jax.jit(train.make_train_step(graphdef, objective.build_terms(config.loss),
+                                         accum_steps=1, seed=0),
+                   in_shardings=(state_sharding, None), out_shardings=(state_sharding, None),
+                   donate_argnums=0)
+    return step.lower(abstract, batch).compile().memory_analysis()
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 2, 2)])
+def test_plan_predicts_state_and_batch_bytes_of_the_compiled_step(mesh_shape):
+  config = tiny_config("paper")
+  config.model.dim, config.model.mlp_dim, config.model.num_layers = 64, 256, 2
+  config.train.batch_size = 16
+  mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
+  plan = memory.plan(config, mesh_shape)
+  stats = compiled_stats(config, mesh)
+  state = plan.params + plan.optimizer
+  np.testing.assert_allclose(plan.batch + state, stats.argument_size_in_bytes, rtol=0.01)
+  np.testing.assert_allclose(state, stats.output_size_in_bytes, rtol=0.01)  # + scalar metrics
+  assert stats.alias_size_in_bytes >= 0.99 * state  # donated: the new state reuses the old
+  assert plan.gradients == plan.params  # every parameter trains, in fp32
+  assert plan.activations > 0
+
+
+def test_plan_shrinks_with_remat_sharding_and_accumulation():
+  config = tiny_config("paper")
+  config.model.num_layers = 4  # with one block, remat has nothing to save
+  base = memory.plan(config, (1, 1, 1))
+  config.model.remat = "dots_saveable"
+  dots = memory.plan(config, (1, 1, 1)).activations
+  config.model.remat = "full"
+  assert memory.plan(config, (1, 1, 1)).activations < dots < base.activations
+  config.model.remat, config.train.accum_steps = "none", 2
+  assert memory.plan(config, (1, 1, 1)).activations < base.activations
+  one = memory.plan(tiny_config("paper"), (1, 1, 1))
+  eight = memory.plan(tiny_config("paper"), (2, 2, 2))
+  assert eight.params < one.params / 3 and eight.batch == one.batch // 4
