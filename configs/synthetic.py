@@ -31,6 +31,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.data.padding_side = "right"  # 'right' or 'left': rewards do not depend on it
 
   c.model = ConfigDict()  # rmjax.models.LlamaConfig fields
+  c.model.init_from = ""  # HF folder or .gguf to start from ("" = random init); see README
   c.model.vocab_size = 256
   c.model.dim = 64
   c.model.num_layers = 2
@@ -71,6 +72,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.train.steps = 2000  # optimiser steps
   c.train.batch_size = 16  # pairs per step (global, over all devices and processes)
   c.train.accum_steps = 1  # micro-batches per step (batch_size must divide by it)
+  c.train.trainable_top_layers = -1  # -1: train everything; k >= 0: only the top k blocks (+ final
+  # norm when k > 0) and the head, the rest frozen
   c.train.log_every = 50  # steps between train metrics lines
   c.train.eval_every = 500  # steps between held-out evaluations (and at the end)
   c.train.ckpt_every = 500  # steps between checkpoints (and at the end)
