@@ -24,16 +24,12 @@ from tqdm import tqdm
 
 from rmjax import sharding
 from rmjax.data.pipeline import encode_sequence, fit
+from rmjax.data.readers import iter_jsonl
 from rmjax.data.tokenizer import HFTokenizer
 
 
-def parse_line(line: str, where: str) -> dict:
-  try:
-    record = json.loads(line)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-  if not isinstance(record, dict):
-    raise ValueError(f"{where}: expected a JSON object")
+def check_record(record: dict, where: str) -> dict:
+  """One input object, checked: ``messages``, ``text`` or ``prompt`` + ``response``."""
   if "messages" in record:
     return record
   if "text" in record:
@@ -85,18 +81,13 @@ def score_file(model, tokenizer, input_path: str, output_path: str, *, batch_siz
   The output is written to ``<output>.tmp`` and renamed when complete, so a crash never leaves a
   partial file under the final name (nor destroys an earlier output)."""
   records, encoded = [], []
-  with open(input_path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{input_path}:{lineno}"
-      record = parse_line(line, where)
-      try:
-        prompt_ids, response_ids = encode_record(record, tokenizer)
-      except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-      records.append(record)
-      encoded.append((prompt_ids, response_ids))
+  for lineno, record in iter_jsonl(input_path):  # malformed JSON / UTF-8: path:line errors
+    where = f"{input_path}:{lineno}"
+    try:
+      encoded.append(encode_record(check_record(record, where), tokenizer))
+    except ValueError as e:
+      raise ValueError(e if str(e).startswith(where) else f"{where}: {e}") from None
+    records.append(record)
   n_dev = mesh.size if mesh is not None else 1
   batch_size = -(-batch_size // n_dev) * n_dev  # whole rows per device
   forward = jax.jit(lambda tokens, mask: model(tokens, mask)[0])
