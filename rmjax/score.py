@@ -62,15 +62,12 @@ def bucket_length(n: int, max_len: int) -> int:
 def load_model(path: str, mesh):
   """``(model, tokenizer)`` for an rmjax run, an HF folder or a ``.gguf`` file."""
   from rmjax import convert
-  if convert.is_gguf(path) or os.path.exists(os.path.join(path, "config.json")) and \
-      not os.path.isdir(os.path.join(path, "checkpoints")):
-    if not convert.is_gguf(path) and not any(f.endswith(".safetensors") for f in os.listdir(path)):
-      raise ValueError(f"--model={path}: a folder with config.json but no *.safetensors")
-    cfg = convert.pretrained_config(path)
-    return convert.load_reward_model(path, cfg, mesh), HFTokenizer(path)
   from rmjax.checkpoint import load_trained
-  config, model = load_trained(path, mesh)
   from rmjax.data.sources import make_tokenizer
+  hf_folder = os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path))
+  if convert.is_gguf(path) or hf_folder:
+    return convert.load_reward_model(path, convert.pretrained_config(path), mesh), HFTokenizer(path)
+  config, model = load_trained(path, mesh)
   return model, make_tokenizer(config)
 
 
