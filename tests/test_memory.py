@@ -74,7 +74,7 @@ def compiled_stats(config, mesh):
     return step.lower(abstract, batch).compile().memory_analysis()
 
 
-@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 2, 2)])
+@pytest.mark.parametrize("mesh_shape", [pytest.param((1, 1, 1), marks=pytest.mark.slow), (2, 2, 2)])
 def test_plan_predicts_state_and_batch_bytes_of_the_compiled_step(mesh_shape):
   config = tiny_config("paper")
   config.model.dim, config.model.mlp_dim, config.model.num_layers = 64, 256, 2

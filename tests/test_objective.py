@@ -30,7 +30,7 @@ def test_terms_are_weighted_and_summed(monkeypatch):
   terms = objective.build_terms(config.loss)
   assert [(n, w) for n, w, _ in terms] == [("bt", 1.0), ("contrastive", 0.3), ("hinge", 2.0)]
   out = fake_outputs()
-  monkeypatch.setattr(objective, "forward_pairs", lambda model, batch: out)
+  monkeypatch.setattr(objective, "forward_pairs", lambda model, batch, start_layer: out)
   key = jax.random.key(0)
   total, metrics = objective.objective(None, None, key, terms)
   bt = losses.bradley_terry_loss(out.reward_chosen_B, out.reward_rejected_B)
