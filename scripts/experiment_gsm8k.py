@@ -82,9 +82,9 @@ def voting_analysis(features: str, params: str, thresholds) -> dict:
       problem = np.repeat(data["problem_id"], 2)
       _, keep = np.unique(rows["tokens"], axis=0, return_index=True)
       keep = np.sort(keep[label[keep]] if chosen_only else keep)
-      h = np.concatenate([np.asarray(hidden(rows["features"][i:i + 16].astype(np.float32),
-                                            rows["mask"][i:i + 16]))
-                          for i in (keep[j:j + 16] for j in range(0, len(keep), 16))])
+      h = np.concatenate([np.asarray(hidden(rows["features"][idx].astype(np.float32),
+                                            rows["mask"][idx]))
+                          for idx in (keep[j:j + 16] for j in range(0, len(keep), 16))])
       return h, {k: v[keep] for k, v in rows.items()}, label[keep], problem[keep]
 
     h, rows, _, _ = sequences("train", chosen_only=True)
@@ -92,7 +92,9 @@ def voting_analysis(features: str, params: str, thresholds) -> dict:
     h, rows, label, problem = sequences("validation", chosen_only=False)
     q = np.asarray(goal_lib.q_values(h, goal, rows["mask"]))
   solutions = []
-  for i in range(len(label)):
+  # a neutral order within each problem: the vote breaks ties by order, and pair rows put the
+  # correct solution first
+  for i in np.random.default_rng(0).permutation(len(label)):
     resp = rows["response"][i].astype(bool)
     solutions.append({"problem_id": int(problem[i]), "is_correct": bool(label[i]), "q": q[i][resp],
                       "answer": final_answer(tokenizer.decode(rows["tokens"][i][resp]))})
