@@ -14,23 +14,12 @@ import pytest
 from flax import nnx
 
 from rmjax import memory, objective, sharding, train
-from tests.helpers import pair_batch, tiny_config
+from tests.helpers import loss_metrics_grads, tiny_config
 
 
 def loss_and_grads(config, mesh):
-  graphdef, state = train.create_state(config)
-  terms = objective.build_terms(config.loss)
-  batch = sharding.host_to_global(pair_batch(8, max_len=config.data.max_len), mesh)
-
-  @jax.jit
-  def f(state, batch):
-    model, _ = train.unpack(nnx.merge(graphdef, state))
-    model_def, params, rest = nnx.split(model, nnx.Param, ...)
-    loss_fn = lambda p: objective.objective(nnx.merge(model_def, p, rest), batch,
-                                            jax.random.key(3), terms)[0]
-    return jax.value_and_grad(loss_fn)(params)
-
-  return jax.device_get(f(state, batch))
+  (loss, _), grads = loss_metrics_grads(*train.create_state(config), config, mesh)
+  return jax.device_get((loss, grads))
 
 
 def test_remat_policies_match_no_remat(mesh1):

@@ -2,11 +2,10 @@
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from rmjax import objective, sharding, train
-from tests.helpers import pair_batch, tiny_config
+from rmjax import sharding, train
+from tests.helpers import loss_metrics_grads, tiny_config
 
 
 def loss_and_grads(mesh_shape, variant, devices):
@@ -15,18 +14,7 @@ def loss_and_grads(mesh_shape, variant, devices):
   mesh = sharding.make_mesh(mesh_shape, devices)
   with sharding.use_mesh(mesh):
     graphdef, state = train.create_state(config)
-    terms = objective.build_terms(config.loss)
-    batch = sharding.host_to_global(pair_batch(8, max_len=config.data.max_len), mesh)
-
-    @jax.jit
-    def f(state, batch):
-      model, _ = train.unpack(nnx.merge(graphdef, state))
-      model_def, params, rest = nnx.split(model, nnx.Param, ...)
-      loss_fn = lambda p: objective.objective(nnx.merge(model_def, p, rest), batch,
-                                              jax.random.key(3), terms)
-      return jax.value_and_grad(loss_fn, has_aux=True)(params)
-
-    (loss, metrics), grads = f(state, batch)
+    (loss, metrics), grads = loss_metrics_grads(graphdef, state, config, mesh)
     kernel = state["model"]["backbone"]["layers"][0]["mlp"]["gate"]["kernel"][...]
     return jax.device_get((loss, metrics, grads)), (kernel.sharding.spec,
                                                     len(kernel.sharding.device_set))
