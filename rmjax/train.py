@@ -56,9 +56,7 @@ def model_config(config) -> LlamaConfig:
   init_from = config.model.get("init_from", "")
   if not init_from:
     return LlamaConfig(**fields)
-  cfg = convert.pretrained_config(init_from, dtype=fields.get("dtype", "float32"),
-                                  param_dtype=fields.get("param_dtype", "float32"),
-                                  remat=fields.get("remat", "none"))
+  cfg = convert.pretrained_config(init_from, **{k: fields[k] for k in ARCH_EXEMPT if k in fields})
   wrong = {k: (v, getattr(cfg, k)) for k, v in fields.items()
            if k not in ARCH_EXEMPT and v is not None and not _same(getattr(cfg, k), v)}
   if wrong:
