@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 
+import grain
 import jax
 import ml_dtypes
 import numpy as np
@@ -126,7 +127,7 @@ def cache(config, model, layer: int, out: str, splits=("train", "validation"), *
   features = jax.jit(lambda t, m: model.backbone.features(t, m, layer))
   for split, src in split_sources.items():
     n = counts[split]
-    subset = _Prefix(src, n)
+    subset = grain.MapDataset.source(src)[:n]
     batches = eval_batches(subset, tokenizer, global_batch_size=batch_size, max_len=max_len,
                            padding_side=config.data.padding_side)
     for s, (batch, n_real) in enumerate(tqdm(batches, total=-(-n // batch_size),
@@ -152,17 +153,6 @@ def cache(config, model, layer: int, out: str, splits=("train", "validation"), *
         np.save(os.path.join(tmp, f"{k}.npy"), v[:n_real] if n_real < b else v)
       os.replace(tmp, folder)
   return meta
-
-
-class _Prefix:
-  def __init__(self, source, n):
-    self.source, self.n = source, n
-
-  def __len__(self):
-    return self.n
-
-  def __getitem__(self, i):
-    return self.source[i]
 
 
 def _problem(source, i: int) -> int:
