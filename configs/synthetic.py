@@ -57,6 +57,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.loss.contrastive.num_goal_samples = 4  # future states averaged per goal when goal='avg'
   c.loss.contrastive.temperature = 1.0  # τ: similarities are cos/τ
   c.loss.contrastive.reduction = "mean_log"  # paper mode: 'mean_log', or the official 'log_mean'
+  # with only BT and contrastive terms, run the last block at just the rows they read (the last
+  # token, the sampled states): the same loss and gradients for a fraction of its cost
+  c.loss.sparse_last_block = True
 
   c.optim = ConfigDict()
   c.optim.lr = 3e-3  # peak learning rate

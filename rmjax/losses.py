@@ -9,11 +9,13 @@ new term is a function of these arrays and nothing else.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from rmjax.models.llama import gather_rows
 from rmjax.models.reward import last_token_index
 
 GOALS = ("random", "avg", "final")
@@ -24,7 +26,7 @@ class PairOutputs(NamedTuple):
   """One forward pass over a batch of (chosen, rejected) pairs."""
   reward_chosen_B: jax.Array
   reward_rejected_B: jax.Array
-  h_chosen_BxLxD: jax.Array  # last-layer hidden states, fp32
+  h_chosen_BxLxD: jax.Array  # last-layer hidden states, fp32 (L = the computed rows, see objective)
   h_rejected_BxLxD: jax.Array
   mask_chosen_BxL: jax.Array  # 1 = real token (prompt or response), 0 = pad
   mask_rejected_BxL: jax.Array
@@ -58,18 +60,22 @@ def _uniform_index(key, allowed_XxL, num: int) -> jax.Array:
   return jax.random.categorical(key, logits, axis=-1, shape=(num,) + allowed_XxL.shape[:-1])
 
 
-def _gather(h_BxLxD, idx_BxN):
-  return jnp.take_along_axis(h_BxLxD, idx_BxN[..., None], axis=1)
+class StateIndices(NamedTuple):
+  """Sampled positions: sources and goals in the chosen sequence, negatives in the rejected."""
+  src_BxS: jax.Array
+  goal_BxSxG: jax.Array  # G = 1 unless goal="avg"
+  neg_BxS: jax.Array
+  valid_BxS: jax.Array  # False for a pair with no room for source < goal, or no rejected response
 
 
 def sample_state_indices(key, response_chosen_BxL, response_rejected_BxL, last_chosen_B, *,
-                         num_samples: int, goal: str, num_goal_samples: int = 4):
+                         num_samples: int, goal: str, num_goal_samples: int = 4
+                         ) -> StateIndices:
   """Positions of source, goal and negative states.
 
   Sources and goals come from the chosen response with source < goal strictly; negatives come from
-  the rejected response. Returns ``src_BxS``, ``goal_BxSxG`` (G = 1 unless ``goal="avg"``),
-  ``neg_BxS`` and ``valid_BxS`` (False for a pair whose chosen response cannot hold a source
-  before a goal, or whose rejected response is empty).
+  the rejected response. ``valid`` is False for a pair whose chosen response cannot hold a source
+  before a goal, or whose rejected response is empty.
   """
   if goal not in GOALS:
     raise ValueError(f"goal={goal!r}: expected one of {GOALS}")
@@ -92,15 +98,16 @@ def sample_state_indices(key, response_chosen_BxL, response_rejected_BxL, last_c
   neg_ok_BxL = response_rejected_BxL.astype(bool)
   neg_BxS = _uniform_index(k_neg, neg_ok_BxL, num_samples).T
   valid_B = jnp.any(src_ok_BxL, axis=1) & jnp.any(neg_ok_BxL, axis=1)
-  return src_BxS, goal_BxSxG, neg_BxS, jnp.broadcast_to(valid_B[:, None], src_BxS.shape)
+  return StateIndices(src_BxS, goal_BxSxG, neg_BxS,
+                      jnp.broadcast_to(valid_B[:, None], src_BxS.shape))
 
 
 def gather_states(h_chosen_BxLxD, h_rejected_BxLxD, src_BxS, goal_BxSxG, neg_BxS):
   """Hidden states at sampled positions; a multi-state goal is their mean."""
   b, s, g = goal_BxSxG.shape
-  h_goal_BxSxD = _gather(h_chosen_BxLxD, goal_BxSxG.reshape(b, s * g)).reshape(b, s, g, -1)
-  return (_gather(h_chosen_BxLxD, src_BxS), h_goal_BxSxD.mean(axis=2),
-          _gather(h_rejected_BxLxD, neg_BxS))
+  h_goal_BxSxD = gather_rows(h_chosen_BxLxD, goal_BxSxG.reshape(b, s * g)).reshape(b, s, g, -1)
+  return (gather_rows(h_chosen_BxLxD, src_BxS), h_goal_BxSxD.mean(axis=2),
+          gather_rows(h_rejected_BxLxD, neg_BxS))
 
 
 # --- contrastive losses ---
@@ -166,23 +173,44 @@ def bt_term(out: PairOutputs, key=None) -> jax.Array:
   return bradley_terry_loss(out.reward_chosen_B, out.reward_rejected_B, out.margin_B)
 
 
-def contrastive_term(out: PairOutputs, key, *, mode: str = "paper", goal: str = "random",
-                     num_samples: int = 16, num_goal_samples: int = 4, temperature: float = 1.0,
-                     reduction: str = "mean_log"):
-  """Goal-conditioned contrastive term: samples states, then the ``paper`` or ``infonce`` loss."""
-  last_B = last_token_index(out.mask_chosen_BxL)
-  src, goal_idx, neg, valid_BxS = sample_state_indices(
-      key, out.response_chosen_BxL, out.response_rejected_BxL, last_B, num_samples=num_samples,
-      goal=goal, num_goal_samples=num_goal_samples)
-  h_src, h_goal, h_neg = gather_states(out.h_chosen_BxLxD, out.h_rejected_BxLxD, src, goal_idx,
-                                       neg)
-  if mode == "paper":
-    loss = contrastive_paper_loss(h_src, h_goal, h_neg, valid_BxS, temperature=temperature,
-                                  reduction=reduction)
-  elif mode == "infonce":
-    loss = contrastive_infonce_loss(h_src, h_goal, h_neg, valid_BxS, temperature=temperature)
-  else:
-    raise ValueError(f"contrastive mode={mode!r}: expected 'paper' or 'infonce'")
-  w_BxS = valid_BxS.astype(jnp.float32)
-  return loss, {"cos_pos": _masked_mean(cosine(h_src, h_goal), w_BxS),
-                "cos_neg": _masked_mean(cosine(h_neg, h_goal), w_BxS)}
+@dataclasses.dataclass(frozen=True)
+class ContrastiveTerm:
+  """Goal-conditioned contrastive term, ``term(out, key)``: samples states, then the ``paper``
+  or ``infonce`` loss. ``sample`` and ``from_states`` are its two halves, which lets the
+  objective sample first and compute the last block only at the sampled positions."""
+  mode: str = "paper"
+  goal: str = "random"
+  num_samples: int = 16
+  num_goal_samples: int = 4
+  temperature: float = 1.0
+  reduction: str = "mean_log"
+
+  def __post_init__(self):
+    if self.mode not in ("paper", "infonce"):
+      raise ValueError(f"contrastive mode={self.mode!r}: expected 'paper' or 'infonce'")
+    if self.goal not in GOALS:
+      raise ValueError(f"goal={self.goal!r}: expected one of {GOALS}")
+
+  def sample(self, key, response_chosen_BxL, response_rejected_BxL, mask_chosen_BxL
+             ) -> StateIndices:
+    return sample_state_indices(
+        key, response_chosen_BxL, response_rejected_BxL, last_token_index(mask_chosen_BxL),
+        num_samples=self.num_samples, goal=self.goal, num_goal_samples=self.num_goal_samples)
+
+  def from_states(self, h_chosen_BxLxD, h_rejected_BxLxD, idx: StateIndices):
+    h_src, h_goal, h_neg = gather_states(h_chosen_BxLxD, h_rejected_BxLxD, idx.src_BxS,
+                                         idx.goal_BxSxG, idx.neg_BxS)
+    if self.mode == "paper":
+      loss = contrastive_paper_loss(h_src, h_goal, h_neg, idx.valid_BxS,
+                                    temperature=self.temperature, reduction=self.reduction)
+    else:
+      loss = contrastive_infonce_loss(h_src, h_goal, h_neg, idx.valid_BxS,
+                                      temperature=self.temperature)
+    w_BxS = idx.valid_BxS.astype(jnp.float32)
+    return loss, {"cos_pos": _masked_mean(cosine(h_src, h_goal), w_BxS),
+                  "cos_neg": _masked_mean(cosine(h_neg, h_goal), w_BxS)}
+
+  def __call__(self, out: PairOutputs, key):
+    idx = self.sample(key, out.response_chosen_BxL, out.response_rejected_BxL,
+                      out.mask_chosen_BxL)
+    return self.from_states(out.h_chosen_BxLxD, out.h_rejected_BxLxD, idx)

@@ -14,10 +14,20 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rmjax import losses
 
 Term = tuple[str, float, Callable]
+
+
+class Terms(list):
+  """The ``(name, weight, fn)`` terms; ``sparse``: all are built-in (BT, contrastive), so the
+  last block need only run at the rows they read (``objective``)."""
+
+  def __init__(self, items=(), sparse: bool = False):
+    super().__init__(items)
+    self.sparse = sparse
 
 
 def load_function(spec: str) -> Callable:
@@ -34,16 +44,16 @@ def load_function(spec: str) -> Callable:
   return fn
 
 
-def build_terms(loss_cfg) -> list[Term]:
+def build_terms(loss_cfg) -> Terms:
   """``(name, weight, fn)`` for every term with a non-zero weight."""
-  terms: list[Term] = []
+  terms = Terms()
   if loss_cfg.bt_weight:
     terms.append(("bt", float(loss_cfg.bt_weight), losses.bt_term))
   if loss_cfg.beta:
     c = loss_cfg.contrastive
-    terms.append(("contrastive", float(loss_cfg.beta), functools.partial(
-        losses.contrastive_term, mode=c.mode, goal=c.goal, num_samples=c.num_samples,
-        num_goal_samples=c.num_goal_samples, temperature=c.temperature, reduction=c.reduction)))
+    terms.append(("contrastive", float(loss_cfg.beta), losses.ContrastiveTerm(
+        mode=c.mode, goal=c.goal, num_samples=c.num_samples, num_goal_samples=c.num_goal_samples,
+        temperature=c.temperature, reduction=c.reduction)))
   for item in filter(None, (s.strip() for s in loss_cfg.custom.split(","))):
     spec, sep, weight = item.rpartition("=")
     if not sep:
@@ -51,24 +61,28 @@ def build_terms(loss_cfg) -> list[Term]:
     terms.append((spec.rpartition(":")[2], float(weight), load_function(spec)))
   if not terms:
     raise ValueError("config.loss: every term has weight 0; nothing to train")
+  terms.sparse = bool(loss_cfg.get("sparse_last_block", True)) and all(
+      fn is losses.bt_term or isinstance(fn, losses.ContrastiveTerm) for _, _, fn in terms)
   return terms
 
 
-def forward_pairs(model, batch, start_layer: int = 0) -> losses.PairOutputs:
+def forward_pairs(model, batch, start_layer: int = 0, rows_Bx2xP=None) -> losses.PairOutputs:
   """Runs chosen and rejected sequences through the model in one pass of 2B sequences.
 
   A batch from the loss lab carries ``features`` [B, 2, L, D] (the cached hidden states entering
-  block ``start_layer``) instead of ``tokens``; the rest of the model runs on them.
+  block ``start_layer``) instead of ``tokens``; the rest of the model runs on them. ``rows``:
+  compute (and return as ``h``) only the states at these positions of each sequence.
   """
   b, _, l = batch["mask"].shape
   mask_2BxL = batch["mask"].reshape(2 * b, l)
+  rows_2BxP = None if rows_Bx2xP is None else rows_Bx2xP.reshape(2 * b, rows_Bx2xP.shape[-1])
   if "features" in batch:
     reward_2B, h_2BxLxD = model.from_features(
-        batch["features"].reshape(2 * b, l, -1), mask_2BxL, start_layer)
+        batch["features"].reshape(2 * b, l, -1), mask_2BxL, start_layer, rows_2BxP)
   else:
-    reward_2B, h_2BxLxD = model(batch["tokens"].reshape(2 * b, l), mask_2BxL)
+    reward_2B, h_2BxLxD = model(batch["tokens"].reshape(2 * b, l), mask_2BxL, rows_2BxP)
   reward_Bx2 = reward_2B.reshape(b, 2)
-  h_Bx2xLxD = h_2BxLxD.reshape(b, 2, l, -1)
+  h_Bx2xLxD = h_2BxLxD.reshape(b, 2, *h_2BxLxD.shape[1:])
   return losses.PairOutputs(
       reward_chosen_B=reward_Bx2[:, 0], reward_rejected_B=reward_Bx2[:, 1],
       h_chosen_BxLxD=h_Bx2xLxD[:, 0], h_rejected_BxLxD=h_Bx2xLxD[:, 1],
@@ -77,9 +91,56 @@ def forward_pairs(model, batch, start_layer: int = 0) -> losses.PairOutputs:
       margin_B=batch["margin"])
 
 
+def sampled_rows(batch, key, terms: Terms):
+  """The sparse path: every contrastive term samples its states before the forward pass.
+
+  Returns the rows to compute, [B, 2, P] (chosen: each term's sources then goals; rejected: its
+  negatives; padded with row 0), and the terms re-pointed at those rows of the compact ``h``.
+  Each term samples with the key the dense path gives it, so both see the same states.
+  """
+  b = batch["mask"].shape[0]
+  rows_c, rows_r, calls = [], [], []
+  for i, (name, weight, fn) in enumerate(terms):
+    if isinstance(fn, losses.ContrastiveTerm):
+      idx = fn.sample(jax.random.fold_in(key, i), batch["response"][:, 0],
+                      batch["response"][:, 1], batch["mask"][:, 0])
+      s, g = idx.goal_BxSxG.shape[1:]
+      start_c, start_r = sum(r.shape[1] for r in rows_c), sum(r.shape[1] for r in rows_r)
+      rows_c += [idx.src_BxS, idx.goal_BxSxG.reshape(b, s * g)]
+      rows_r.append(idx.neg_BxS)
+      compact = idx._replace(src_BxS=_count(start_c, (b, s)),
+                             goal_BxSxG=_count(start_c + s, (b, s, g)),
+                             neg_BxS=_count(start_r, (b, s)))
+      fn = functools.partial(_on_rows, fn, compact)
+    calls.append((name, weight, fn))
+  rows = [jnp.concatenate(r, axis=1) if r else jnp.zeros((b, 0), jnp.int32)
+          for r in (rows_c, rows_r)]
+  p = max(r.shape[1] for r in rows)
+  rows = [jnp.pad(r.astype(jnp.int32), ((0, 0), (0, p - r.shape[1]))) for r in rows]
+  return jnp.stack(rows, axis=1), calls
+
+
+def _count(start: int, shape) -> jax.Array:
+  """``start, start+1, ...`` laid out over ``shape[1:]``, the same for every row."""
+  return jnp.broadcast_to(start + jnp.arange(np.prod(shape[1:])).reshape(shape[1:]), shape)
+
+
+def _on_rows(term: losses.ContrastiveTerm, idx: losses.StateIndices, out, key):
+  del key  # sampled already
+  return term.from_states(out.h_chosen_BxLxD, out.h_rejected_BxLxD, idx)
+
+
 def objective(model, batch, key, terms: list[Term], start_layer: int = 0):
-  """Total loss and a flat metrics dict (``<term>_loss``, ``<term>/<metric>``, ...)."""
-  out = forward_pairs(model, batch, start_layer)
+  """Total loss and a flat metrics dict (``<term>_loss``, ``<term>/<metric>``, ...).
+
+  With sparse ``terms`` (``build_terms``) the last block runs only at the last token and the
+  sampled states: same loss and gradients, for a fraction of that block's cost.
+  """
+  if getattr(terms, "sparse", False):
+    rows_Bx2xP, terms = sampled_rows(batch, key, terms)
+    out = forward_pairs(model, batch, start_layer, rows_Bx2xP)
+  else:
+    out = forward_pairs(model, batch, start_layer)
   total = jnp.zeros((), jnp.float32)
   metrics = losses.pair_metrics(out.reward_chosen_B, out.reward_rejected_B)
   for i, (name, weight, fn) in enumerate(terms):

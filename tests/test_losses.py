@@ -137,5 +137,5 @@ def test_contrastive_term_is_finite_with_degenerate_pairs():
   out = losses.PairOutputs(jnp.zeros(6), jnp.zeros(6), h, h + 1, mask_c, mask_c, resp_c, resp_r,
                            jnp.zeros(6))
   for mode in ("paper", "infonce"):
-    loss, metrics = losses.contrastive_term(out, jax.random.key(0), mode=mode, goal="avg")
+    loss, metrics = losses.ContrastiveTerm(mode=mode, goal="avg")(out, jax.random.key(0))
     assert np.isfinite(loss) and np.isfinite(metrics["cos_pos"])

@@ -2,9 +2,10 @@
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
-from rmjax import losses, objective
-from tests.helpers import tiny_config
+from rmjax import losses, objective, sharding, train
+from tests.helpers import pair_batch, tiny_config
 
 
 def hinge(out: losses.PairOutputs, key):
@@ -31,6 +32,7 @@ def test_terms_are_weighted_and_summed(monkeypatch):
   assert [(n, w) for n, w, _ in terms] == [("bt", 1.0), ("contrastive", 0.3), ("hinge", 2.0)]
   out = fake_outputs()
   monkeypatch.setattr(objective, "forward_pairs", lambda model, batch, start_layer: out)
+  assert not terms.sparse  # a user term reads every state
   key = jax.random.key(0)
   total, metrics = objective.objective(None, None, key, terms)
   bt = losses.bradley_terry_loss(out.reward_chosen_B, out.reward_rejected_B)
@@ -58,3 +60,54 @@ def test_all_zero_weights_is_an_error():
   config.loss.bt_weight = 0.0
   with pytest.raises(ValueError, match="nothing to train"):
     objective.build_terms(config.loss)
+
+
+@pytest.mark.parametrize("variant, goal, padding, remat", [
+    ("paper", "random", "right", "none"), ("paper", "avg", "left", "full"),
+    ("infonce", "final", "right", "none"), ("bt", None, "left", "none")])
+def test_sparse_last_block_gives_the_dense_loss_and_gradients(variant, goal, padding, remat):
+  """Running the last block only at the sampled rows changes nothing but the cost."""
+  config = tiny_config(variant)
+  config.model.remat = remat
+  if goal:
+    config.loss.contrastive.goal = goal
+  sparse = objective.build_terms(config.loss)
+  assert sparse.sparse
+  dense = objective.Terms(sparse, sparse=False)
+  batch = pair_batch(8, max_len=config.data.max_len, padding_side=padding)
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  with sharding.use_mesh(mesh):
+    graphdef, state = train.create_state(config)
+    model, _ = train.unpack(nnx.merge(graphdef, state))
+    model_def, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_and_grads(terms):
+      fn = lambda p: objective.objective(nnx.merge(model_def, p, rest), batch,
+                                         jax.random.key(5), terms)
+      return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
+
+    (loss_d, metrics_d), grads_d = loss_and_grads(dense)
+    (loss_s, metrics_s), grads_s = loss_and_grads(sparse)
+  np.testing.assert_allclose(loss_s, loss_d, rtol=1e-6)
+  for k in metrics_d:
+    np.testing.assert_allclose(metrics_s[k], metrics_d[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               grads_s, grads_d)
+
+
+def test_rows_and_features_give_the_same_states():
+  """``model(t, m, rows)`` equals the dense states at ``rows``, from tokens or from features."""
+  config = tiny_config("paper")
+  batch = pair_batch(4, max_len=config.data.max_len, padding_side="left")
+  tokens, mask = batch["tokens"].reshape(8, -1), batch["mask"].reshape(8, -1)
+  rows = np.random.default_rng(0).integers(0, tokens.shape[1], size=(8, 5))
+  with sharding.use_mesh(sharding.make_mesh((1, 1, 1), jax.devices()[:1])):
+    model, _ = train.unpack(nnx.merge(*train.create_state(config)))
+    reward, h = model(tokens, mask)
+    want = np.take_along_axis(np.asarray(h), rows[..., None], axis=1)
+    outputs = [model(tokens, mask, rows)] + [
+        model.from_features(model.backbone.features(tokens, mask, k), mask, k, rows)
+        for k in range(config.model.num_layers + 1)]
+  for r, got in outputs:
+    np.testing.assert_allclose(r, reward, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

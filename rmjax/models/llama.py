@@ -99,6 +99,11 @@ def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
   return inv_freq.astype(np.float32)
 
 
+def gather_rows(x_BxLxD: jax.Array, rows_BxP: jax.Array) -> jax.Array:
+  """``x[b, rows[b, p]]``: the states at given positions of each sequence, [B, P, D]."""
+  return jnp.take_along_axis(x_BxLxD, rows_BxP[..., None], axis=1)
+
+
 def rope(x_BxLxNxH: jax.Array, pos_BxL: jax.Array, inv_freq: np.ndarray) -> jax.Array:
   """Rotary embedding, rotate-half layout (as Hugging Face Llama)."""
   ang_BxLxH = jnp.concatenate([pos_BxL[..., None] * inv_freq] * 2, axis=-1)[:, :, None, :]
@@ -118,16 +123,23 @@ class Attention(nnx.Module):
     self.v = _linear(cfg, cfg.dim, k * h, ("embed", "kv_heads"), rngs, bias=cfg.qkv_bias)
     self.o = _linear(cfg, n * h, cfg.dim, ("heads", "embed"), rngs)
 
-  def __call__(self, x_BxLxD, pos_BxL, mask_BxLxL):
+  def __call__(self, x_BxLxD, pos_BxL, mask_BxLxL, rows_BxP=None):
+    """Self-attention; with ``rows`` only those query rows are computed (output [B, P, D]),
+    while keys and values still come from every position."""
     cfg = self.cfg
     b, l, _ = x_BxLxD.shape
     inv_freq = rope_frequencies(cfg)
-    q_BxLxNxH = rope(self.q(x_BxLxD).reshape(b, l, cfg.num_heads, cfg.hd), pos_BxL, inv_freq)
+    xq, pos_q, mask_q = x_BxLxD, pos_BxL, mask_BxLxL
+    if rows_BxP is not None:
+      xq, pos_q = gather_rows(x_BxLxD, rows_BxP), jnp.take_along_axis(pos_BxL, rows_BxP, axis=1)
+      mask_q = jnp.take_along_axis(mask_BxLxL, rows_BxP[:, :, None], axis=1)
+    p = xq.shape[1]
+    q_BxPxNxH = rope(self.q(xq).reshape(b, p, cfg.num_heads, cfg.hd), pos_q, inv_freq)
     k_BxLxKxH = rope(self.k(x_BxLxD).reshape(b, l, cfg.num_kv_heads, cfg.hd), pos_BxL, inv_freq)
     v_BxLxKxH = self.v(x_BxLxD).reshape(b, l, cfg.num_kv_heads, cfg.hd)
-    out_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH,
-                                               mask=mask_BxLxL[:, None])
-    return self.o(out_BxLxNxH.reshape(b, l, cfg.num_heads * cfg.hd))
+    out_BxPxNxH = jax.nn.dot_product_attention(q_BxPxNxH, k_BxLxKxH, v_BxLxKxH,
+                                               mask=mask_q[:, None])
+    return self.o(out_BxPxNxH.reshape(b, p, cfg.num_heads * cfg.hd))
 
 
 class MLP(nnx.Module):
@@ -151,15 +163,18 @@ class Block(nnx.Module):
     self.dtype = DTYPES[cfg.dtype]
     self.remat = cfg.remat
 
-  def __call__(self, x_BxLxD, pos_BxL, mask_BxLxL):
+  def __call__(self, x_BxLxD, pos_BxL, mask_BxLxL, rows_BxP=None):
+    """The block's output at every position, or only at ``rows`` ([B, P, D])."""
     if self.remat == "none":
-      return self.forward(x_BxLxD, pos_BxL, mask_BxLxL)
+      return self.forward(x_BxLxD, pos_BxL, mask_BxLxL, rows_BxP)
     forward = nnx.remat(Block.forward, policy=REMAT_POLICIES[self.remat])
-    return forward(self, x_BxLxD, pos_BxL, mask_BxLxL)
+    return forward(self, x_BxLxD, pos_BxL, mask_BxLxL, rows_BxP)
 
-  def forward(self, x_BxLxD, pos_BxL, mask_BxLxL):
-    x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD).astype(self.dtype), pos_BxL, mask_BxLxL)
-    return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD).astype(self.dtype))
+  def forward(self, x_BxLxD, pos_BxL, mask_BxLxL, rows_BxP=None):
+    h_BxLxD = self.attn_norm(x_BxLxD).astype(self.dtype)
+    x_BxPxD = x_BxLxD if rows_BxP is None else gather_rows(x_BxLxD, rows_BxP)
+    x_BxPxD = x_BxPxD + self.attn(h_BxLxD, pos_BxL, mask_BxLxL, rows_BxP)
+    return x_BxPxD + self.mlp(self.mlp_norm(x_BxPxD).astype(self.dtype))
 
 
 def positions_and_mask(mask_BxL: jax.Array, sliding_window: int = 0
@@ -193,14 +208,24 @@ class Llama(nnx.Module):
     self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.final_norm = _rmsnorm(cfg, rngs)
 
-  def __call__(self, tokens_BxL: jax.Array, mask_BxL: jax.Array) -> jax.Array:
-    return self.run_from(self.embed(tokens_BxL), mask_BxL, 0)
+  def __call__(self, tokens_BxL: jax.Array, mask_BxL: jax.Array, rows_BxP=None) -> jax.Array:
+    return self.run_from(self.embed(tokens_BxL), mask_BxL, 0, rows_BxP)
 
-  def run_from(self, x_BxLxD: jax.Array, mask_BxL: jax.Array, layer: int) -> jax.Array:
-    """Blocks ``layer``.. and the final norm, on ``x`` = the hidden states entering ``layer``."""
+  def run_from(self, x_BxLxD: jax.Array, mask_BxL: jax.Array, layer: int, rows_BxP=None
+               ) -> jax.Array:
+    """Blocks ``layer``.. and the final norm, on ``x`` = the hidden states entering ``layer``.
+
+    ``rows``: return only the states at these positions, [B, P, D]. The last block then computes
+    its queries, MLP and norm at those rows alone (its keys and values still read every
+    position) — all a loss that reads a few states needs, and the same numbers.
+    """
     pos_BxL, mask_BxLxL = positions_and_mask(mask_BxL, self.cfg.sliding_window)
-    for block in self.layers[layer:]:
+    blocks = list(self.layers[layer:])
+    last = blocks.pop() if rows_BxP is not None else None
+    for block in blocks:
       x_BxLxD = block(x_BxLxD, pos_BxL, mask_BxLxL)
+    if last is not None:
+      x_BxLxD = last(x_BxLxD, pos_BxL, mask_BxLxL, rows_BxP)
     return self.final_norm(x_BxLxD)
 
   def features(self, tokens_BxL: jax.Array, mask_BxL: jax.Array, layer: int) -> jax.Array:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rmjax.models.llama import Llama, LlamaConfig
+from rmjax.models.llama import Llama, LlamaConfig, gather_rows
 
 
 def last_token_index(mask_BxL: jax.Array) -> jax.Array:
@@ -30,19 +30,38 @@ class RewardModel(nnx.Module):
     self.head = nnx.Linear(cfg.dim, 1, use_bias=False, dtype=jnp.float32,
                            kernel_init=nnx.with_partitioning(init, ("embed", None)), rngs=rngs)
 
-  def __call__(self, tokens_BxL: jax.Array, mask_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return self.score(self.backbone(tokens_BxL, mask_BxL), mask_BxL)
+  def __call__(self, tokens_BxL: jax.Array, mask_BxL: jax.Array, rows_BxP=None
+               ) -> tuple[jax.Array, jax.Array]:
+    """``(reward_B, h)``: ``h`` is ``h_BxLxD``, or only the states at ``rows`` (``h_BxPxD``,
+    computed at those positions alone: see ``Llama.run_from``)."""
+    return self._outputs(self.backbone(tokens_BxL, mask_BxL, _and_last(mask_BxL, rows_BxP)),
+                         mask_BxL, rows_BxP)
 
-  def from_features(self, x_BxLxD: jax.Array, mask_BxL: jax.Array, layer: int
+  def from_features(self, x_BxLxD: jax.Array, mask_BxL: jax.Array, layer: int, rows_BxP=None
                     ) -> tuple[jax.Array, jax.Array]:
     """Same outputs from cached ``backbone.features(tokens, mask, layer)`` (the loss lab)."""
-    if layer == self.backbone.cfg.num_layers:
-      return self.score(x_BxLxD, mask_BxL)
-    return self.score(self.backbone.run_from(x_BxLxD, mask_BxL, layer), mask_BxL)
+    rows = _and_last(mask_BxL, rows_BxP)
+    if layer == self.backbone.cfg.num_layers:  # the cache holds the final-norm output
+      h = x_BxLxD if rows is None else gather_rows(x_BxLxD, rows)
+    else:
+      h = self.backbone.run_from(x_BxLxD, mask_BxL, layer, rows)
+    return self._outputs(h, mask_BxL, rows_BxP)
 
   def score(self, h_BxLxD: jax.Array, mask_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(reward_B, h_BxLxD)`` from last-layer hidden states: the head at the last real token."""
     h_BxLxD = h_BxLxD.astype(jnp.float32)
-    last_B = last_token_index(mask_BxL)
-    h_last_BxD = jnp.take_along_axis(h_BxLxD, last_B[:, None, None], axis=1)[:, 0]
+    h_last_BxD = gather_rows(h_BxLxD, last_token_index(mask_BxL)[:, None])[:, 0]
     return self.head(h_last_BxD)[:, 0], h_BxLxD
+
+  def _outputs(self, h, mask_BxL, rows_BxP):
+    if rows_BxP is None:
+      return self.score(h, mask_BxL)
+    h_BxPxD = h.astype(jnp.float32)  # the rows, then the last token (see _and_last)
+    return self.head(h_BxPxD[:, -1])[:, 0], h_BxPxD[:, :-1]
+
+
+def _and_last(mask_BxL, rows_BxP):
+  """The rows to compute: the requested ones and the last real token (the reward's)."""
+  if rows_BxP is None:
+    return None
+  return jnp.concatenate([rows_BxP, last_token_index(mask_BxL)[:, None]], axis=1)
