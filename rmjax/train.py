@@ -42,7 +42,7 @@ def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
   return optax.apply_if_finite(tx, max_consecutive_errors=optim.max_consecutive_nonfinite)
 
 
-ARCH_EXEMPT = ("init_from", "dtype", "param_dtype", "remat")  # fields that are not architecture
+ARCH_EXEMPT = ("init_from", "dtype", "param_dtype", "remat", "scan_layers")  # fields that are not architecture
 
 
 def _same(a, b) -> bool:  # floats from checkpoints are often float32 roundings (GGUF)
@@ -66,13 +66,14 @@ def model_config(config) -> LlamaConfig:
   return cfg
 
 
-def trainable_filter(config):
+def trainable_filter(config, num_layers: int | None = None):
   """NNX filter of the trained parameters (``train.trainable_top_layers`` = k): all (k < 0), or
-  the head plus, when k > 0, the final norm and the top k blocks (the rest stays frozen)."""
+  the head plus, when k > 0, the final norm and the top k blocks (the rest stays frozen).
+  ``num_layers``: the model's, when known (else read from ``model_config``)."""
   top_layers = config.train.get("trainable_top_layers", -1)
   if top_layers < 0:
     return nnx.Param
-  num_layers = model_config(config).num_layers
+  num_layers = num_layers or model_config(config).num_layers
   if top_layers > num_layers:
     raise ValueError(f"train.trainable_top_layers={top_layers} exceeds the {num_layers} layers")
 
@@ -91,7 +92,7 @@ def create_state(config, mesh=None, *, pretrained: bool = True):
   ``pretrained``, the weights come from ``model.init_from`` when set (needs ``mesh``)."""
   cfg = model_config(config)
   tx = make_optimizer(config.optim, config.train.steps)
-  wrt = trainable_filter(config)
+  wrt = trainable_filter(config, cfg.num_layers)
   make = lambda model: {"model": model, "optimizer": nnx.Optimizer(model, tx, wrt=wrt)}
   if pretrained and config.model.get("init_from"):
     return nnx.split(nnx.jit(make)(convert.load_reward_model(config.model.init_from, cfg, mesh,

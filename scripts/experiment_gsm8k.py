@@ -1,10 +1,15 @@
 """SmolLM2-135M-Instruct reward models on GSM8K model solutions: BT vs BT + contrastive.
 
-  # 1. features of the frozen backbone, entering block 28 of 30 (top 2 blocks + head trainable)
-  python -m rmjax.cache_features --config=configs/gsm8k_smollm2.py --layer=28 \
-      --splits=train,validation --limit=train=160,validation=120 --out=runs/features_gsm8k_l28
+  # 1. features of the frozen backbone entering block 29 of 30 (top block + head trainable);
+  #    --layer=28 for the top 2 blocks
+  python -m rmjax.cache_features --config=configs/gsm8k_smollm2.py --layer=29 \
+      --splits=train,validation --limit=train=640,validation=0 --out=runs/features_gsm8k_l29
+  # 1b. (error localisation) the same for gsm8k_perturbed's validation pairs
+  python -m rmjax.cache_features --config=configs/gsm8k_smollm2.py:perturbed --layer=29 \
+      --splits=validation --limit=240 --out=runs/features_perturbed_l29
   # 2. every variant x seed on them (resumable: finished runs are kept in results.json)
-  python scripts/experiment_gsm8k.py --features=runs/features_gsm8k_l28 --out=runs/exp_gsm8k
+  python scripts/experiment_gsm8k.py --features=runs/features_gsm8k_l29 --out=runs/exp_l29 \
+      --perturbed=runs/features_perturbed_l29
 
 Variants: ``bt`` (beta 0), ``paper`` (paper contrastive, random future goal), ``paper_avg`` and
 ``paper_final`` (goal strategies), ``infonce`` (in-batch negatives, tau 0.1). Every run has the same
@@ -14,7 +19,8 @@ problem of the training pairs); nothing is tuned on them. Writes ``results.json`
 each variant it also runs goal-filtered majority voting over the held-out problems' solutions
 (``rmjax.eval.voting``; goal = mean final-token state of the training pairs' correct solutions):
 voting accuracy, tokens saved at equal accuracy, and the paper's rule (drop once Q_t < 0 after 5
-tokens).
+tokens), and with ``--perturbed`` error localisation: the hit rate of the largest drop of Q_t (and
+of the prefix reward) in the changed calculation's line, against a random position.
 """
 from __future__ import annotations
 
@@ -52,52 +58,71 @@ def final_answer(text: str):
   return None
 
 
-def voting_analysis(features: str, params: str, thresholds) -> dict:
-  """Goal-filtered majority voting with the run's Q_t over the held-out solutions: goal = mean
-  final-token state of the training pairs' correct (chosen) solutions, Q_t = cos(h_t, goal)."""
-  import jax
-  from flax import nnx
+class TrainedTop:
+  """A run's trained top (``<variant>_s<seed>.npz``) on cached features: last-layer states of
+  cached sequences, and the goal state = mean final-token state of the training pairs' correct
+  (chosen) solutions."""
 
-  from rmjax import loss_lab, sharding, train
-  from rmjax.cache_features import FeatureSource
-  from rmjax.data.sources import make_tokenizer
-  from rmjax.eval import goal as goal_lib
-  from rmjax.eval import voting
+  def __init__(self, features: str, params: str):
+    import jax
+    from flax import nnx
 
-  config = loss_lab.lab_config(features)
-  layer = FeatureSource(features, "train").meta["layer"]
-  tokenizer = make_tokenizer(config)
-  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  with sharding.use_mesh(mesh, config.mesh.rules):
-    graphdef, state = train.create_state(config, pretrained=False)
-    model, _ = train.unpack(nnx.merge(graphdef, loss_lab.load_top_params(state, params)))
-    hidden = jax.jit(lambda x, m: model.from_features(x, m, layer)[1])
+    from rmjax import loss_lab, sharding, train
+    from rmjax.cache_features import FeatureSource
+    from rmjax.data.sources import make_tokenizer
+    from rmjax.eval import goal as goal_lib
 
-    def sequences(split: str, chosen_only: bool):
-      data = FeatureSource(features, split).arrays()
-      n, l = data["mask"].shape[:2], data["mask"].shape[2]
-      rows = {k: data[k].reshape(n[0] * 2, l, *data[k].shape[3:]) for k in
-              ("features", "tokens", "mask", "response")}
-      label = np.tile([True, False], n[0])
-      problem = np.repeat(data["problem_id"], 2)
+    self.config = loss_lab.lab_config(features)
+    layer = FeatureSource(features, "train").meta["layer"]
+    self.tokenizer = make_tokenizer(self.config)
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    with sharding.use_mesh(mesh, self.config.mesh.rules):
+      graphdef, state = train.create_state(self.config, pretrained=False)
+      model, _ = train.unpack(nnx.merge(graphdef, loss_lab.load_top_params(state, params)))
+    self.head = lambda h: np.asarray(model.head(h))[..., 0]
+    self._hidden = jax.jit(lambda x, m: model.from_features(x, m, layer)[1])
+    h, rows, _, _ = self.sequences(features, "train", chosen_only=True)
+    self.goal = goal_lib.goal_state(goal_lib.final_token_states(h, rows["mask"]))
+
+  def sequences(self, features: str, split: str, chosen_only: bool = False,
+                rejected_only: bool = False):
+    """Distinct cached sequences of a split (pair order): ``(h, rows, is_chosen, problem)``;
+    ``rejected_only`` keeps every rejected sequence, in pair order."""
+    from rmjax.cache_features import FeatureSource
+    data = FeatureSource(features, split).arrays()
+    n, l = data["mask"].shape[0], data["mask"].shape[2]
+    rows = {k: data[k].reshape(n * 2, l, *data[k].shape[3:]) for k in
+            ("features", "tokens", "mask", "response")}
+    label = np.tile([True, False], n)
+    problem = np.repeat(data["problem_id"], 2)
+    if rejected_only:
+      keep = np.arange(1, 2 * n, 2)
+    else:
       _, keep = np.unique(rows["tokens"], axis=0, return_index=True)
       keep = np.sort(keep[label[keep]] if chosen_only else keep)
-      h = np.concatenate([np.asarray(hidden(rows["features"][idx].astype(np.float32),
-                                            rows["mask"][idx]))
-                          for idx in (keep[j:j + 16] for j in range(0, len(keep), 16))])
-      return h, {k: v[keep] for k, v in rows.items()}, label[keep], problem[keep]
+    h = np.concatenate([np.asarray(self._hidden(rows["features"][idx].astype(np.float32),
+                                                rows["mask"][idx]))
+                        for idx in (keep[j:j + 16] for j in range(0, len(keep), 16))])
+    return h, {k: v[keep] for k, v in rows.items()}, label[keep], problem[keep]
 
-    h, rows, _, _ = sequences("train", chosen_only=True)
-    goal = goal_lib.goal_state(goal_lib.final_token_states(h, rows["mask"]))
-    h, rows, label, problem = sequences("validation", chosen_only=False)
-    q = np.asarray(goal_lib.q_values(h, goal, rows["mask"]))
+  def q_values(self, h, mask):
+    from rmjax.eval import goal as goal_lib
+    return np.asarray(goal_lib.q_values(h, self.goal, mask))
+
+
+def voting_analysis(top: TrainedTop, features: str, thresholds) -> dict:
+  """Goal-filtered majority voting with the run's Q_t = cos(h_t, goal) over the held-out
+  solutions."""
+  from rmjax.eval import voting
+  h, rows, label, problem = top.sequences(features, "validation")
+  q = top.q_values(h, rows["mask"])
   solutions = []
   # a neutral order within each problem: the vote breaks ties by order, and pair rows put the
   # correct solution first
   for i in np.random.default_rng(0).permutation(len(label)):
     resp = rows["response"][i].astype(bool)
     solutions.append({"problem_id": int(problem[i]), "is_correct": bool(label[i]), "q": q[i][resp],
-                      "answer": final_answer(tokenizer.decode(rows["tokens"][i][resp]))})
+                      "answer": final_answer(top.tokenizer.decode(rows["tokens"][i][resp]))})
   curve = voting.voting_curve(solutions, thresholds, min_tokens=5)
   return {"unfiltered_accuracy": curve["unfiltered_accuracy"],
           "tokens_saved_at_equal_accuracy": voting.tokens_saved_at_accuracy(curve),
@@ -106,16 +131,40 @@ def voting_analysis(features: str, params: str, thresholds) -> dict:
           "answers_found": float(np.mean([s["answer"] is not None for s in solutions]))}
 
 
+def localization_analysis(top: TrainedTop, perturbed: str, k: int = 3) -> dict:
+  """Where Q_t (and the prefix reward) of each perturbed validation solution drops, against the
+  changed calculation's position (``gsm8k_perturbed``'s ``error_char``): hit rates per window
+  (``step``: the error to the end of its line; ``within_k``) and the random-position baseline."""
+  from rmjax import loss_lab
+  from rmjax.data import sources
+  from rmjax.eval import localize
+  from rmjax.evaluate import error_windows
+  h, rows, _, _ = top.sequences(perturbed, "validation", rejected_only=True)
+  q = top.q_values(h, rows["mask"])
+  resp = rows["response"].astype(bool)
+  q_traces = [qi[m] for qi, m in zip(q, resp)]
+  r_traces = [top.head(hi[m]) for hi, m in zip(h, resp)]
+  source = sources.make_source(loss_lab.lab_config(perturbed), "validation")
+  examples = [source[i] for i in range(len(q_traces))]
+  windows, keep = error_windows(examples, top.tokenizer, [len(t) for t in q_traces], k)
+  kept = lambda traces: [t for t, ok in zip(traces, keep) if ok]
+  return {"n_truncated_left_out": int(np.sum(~keep)),
+          "q_largest_drop": localize.localization_metrics(kept(q_traces), windows),
+          "prefix_reward_largest_drop": localize.localization_metrics(kept(r_traces), windows)}
+
+
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--features", default="runs/features_gsm8k_l28")
-  ap.add_argument("--out", default="runs/exp_gsm8k")
+  ap.add_argument("--features", default="runs/features_gsm8k_l29")
+  ap.add_argument("--out", default="runs/exp_l29")
   ap.add_argument("--variants", default="bt,paper,infonce")
   ap.add_argument("--seeds", default="0,1,2")
   ap.add_argument("--steps", type=int, default=60)
   ap.add_argument("--batch_size", type=int, default=8)
   ap.add_argument("--lr", type=float, default=1e-4)
   ap.add_argument("--eval_every", type=int, default=20)
+  ap.add_argument("--perturbed", default="", help="cached gsm8k_perturbed features (same layer) "
+                  "for error localisation")
   args = ap.parse_args(argv)
 
   from absl import logging as absl_logging
@@ -126,6 +175,12 @@ def main(argv=None) -> None:
   os.makedirs(args.out, exist_ok=True)
   results_path = os.path.join(args.out, "results.json")
   results = json.load(open(results_path)) if os.path.exists(results_path) else {}
+
+  def save(results):
+    with open(results_path + ".tmp", "w") as f:
+      json.dump(results, f, indent=1)
+    os.replace(results_path + ".tmp", results_path)
+
   fixed = {"train.steps": args.steps, "train.batch_size": args.batch_size, "optim.lr": args.lr,
            "optim.warmup_steps": max(1, args.steps // 10)}
   for variant in args.variants.split(","):
@@ -139,19 +194,22 @@ def main(argv=None) -> None:
                             save_to=os.path.join(args.out, f"{name}.npz"))
       results[name] = dict(result, variant=variant, seed=seed, seconds=time.perf_counter() - t0)
       print(json.dumps({k: v for k, v in results[name].items() if k != "history"}), flush=True)
-      with open(results_path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-      os.replace(results_path + ".tmp", results_path)
+      save(results)
 
   thresholds = [float(t) for t in np.round(np.arange(-0.2, 0.61, 0.05), 2)]
   for name, result in results.items():
-    if "voting" not in result and result["seed"] == 0:
-      result["voting"] = voting_analysis(args.features, os.path.join(args.out, f"{name}.npz"),
-                                         thresholds)
+    todo = result["seed"] == 0 and ("voting" not in result or
+                                    (args.perturbed and "localization" not in result))
+    if not todo:
+      continue
+    top = TrainedTop(args.features, os.path.join(args.out, f"{name}.npz"))
+    if "voting" not in result:
+      result["voting"] = voting_analysis(top, args.features, thresholds)
       print(json.dumps({name: {k: v for k, v in result["voting"].items() if k != "curve"}}))
-      with open(results_path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-      os.replace(results_path + ".tmp", results_path)
+    if args.perturbed and "localization" not in result:
+      result["localization"] = localization_analysis(top, args.perturbed)
+      print(json.dumps({name: result["localization"]}))
+    save(results)
 
   rows = []
   for variant in VARIANTS:
@@ -171,6 +229,11 @@ def main(argv=None) -> None:
                  "acc / saved at Q<0 (m=5)":
                      f"{first['voting']['paper_threshold_0']['accuracy']:.3f} / "
                      f"{first['voting']['paper_threshold_0']['tokens_saved']:.3f}"})
+    if loc := first.get("localization"):
+      q, r = loc["q_largest_drop"], loc["prefix_reward_largest_drop"]
+      rows[-1]["error step hit: Q_t / prefix reward / random"] = (
+          f"{q['hit_rate_step']:.3f} / {r['hit_rate_step']:.3f} / "
+          f"{q['random_hit_rate_step']:.3f}")
   table = markdown_table(rows)
   with open(os.path.join(args.out, "results.md"), "w") as f:
     f.write(table)

@@ -1,6 +1,6 @@
 """Memory levers and the memory planner.
 
-* every remat policy computes the loss and gradients of no remat;
+* every remat policy, and scan over layers, computes the loss and gradients of the plain loop;
 * bf16 compute keeps fp32 parameters, gradients and optimiser state;
 * ``rmjax.memory.plan`` predicts the train state and batch bytes that XLA reports for the compiled
   step (arguments, outputs) on 1 device and on the (2, 2, 2) mesh. Its activation estimate is
@@ -22,15 +22,15 @@ def loss_and_grads(config, mesh):
   return jax.device_get((loss, grads))
 
 
-def test_remat_policies_match_no_remat(mesh1):
+def test_remat_policies_and_scan_match_the_plain_loop(mesh1):
   results = {}
-  for remat in ("none", "dots_saveable", "full"):
+  for remat, scan in (("none", False), ("dots_saveable", False), ("full", False), ("none", True),
+                      ("full", True)):
     config = tiny_config("bt")  # the blocks are what remat changes; BT compiles fastest
-    config.model.num_layers, config.model.remat = 2, remat
-    results[remat] = loss_and_grads(config, mesh1)
-  loss0, grads0 = results["none"]
-  for remat in ("dots_saveable", "full"):
-    loss, grads = results[remat]
+    config.model.num_layers, config.model.remat, config.model.scan_layers = 3, remat, scan
+    results[remat, scan] = loss_and_grads(config, mesh1)
+  loss0, grads0 = results.pop(("none", False))
+  for loss, grads in results.values():
     np.testing.assert_allclose(loss, loss0, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # recomputation reorders sums

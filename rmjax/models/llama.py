@@ -45,6 +45,9 @@ class LlamaConfig:
   # per-block rematerialisation (memory for compute): 'none', 'dots_saveable' (keep matmul
   # outputs, recompute the rest in the backward pass) or 'full' (keep only each block's input)
   remat: str = "none"
+  # run the blocks as one jax.lax.scan (one compiled block instead of num_layers: faster
+  # compiles); the weights stay per block and are stacked on the fly (one transient copy)
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -222,11 +225,20 @@ class Llama(nnx.Module):
     pos_BxL, mask_BxLxL = positions_and_mask(mask_BxL, self.cfg.sliding_window)
     blocks = list(self.layers[layer:])
     last = blocks.pop() if rows_BxP is not None else None
-    for block in blocks:
-      x_BxLxD = block(x_BxLxD, pos_BxL, mask_BxLxL)
+    x_BxLxD = self._blocks(blocks, x_BxLxD, pos_BxL, mask_BxLxL)
     if last is not None:
       x_BxLxD = last(x_BxLxD, pos_BxL, mask_BxLxL, rows_BxP)
     return self.final_norm(x_BxLxD)
+
+  def _blocks(self, blocks, x_BxLxD, pos_BxL, mask_BxLxL):
+    if not self.cfg.scan_layers or len(blocks) < 2:
+      for block in blocks:
+        x_BxLxD = block(x_BxLxD, pos_BxL, mask_BxLxL)
+      return x_BxLxD
+    graphdef, first = nnx.split(blocks[0])
+    stacked = jax.tree.map(lambda *ws: jnp.stack(ws), first, *(nnx.state(b) for b in blocks[1:]))
+    body = lambda x, state: (nnx.merge(graphdef, state)(x, pos_BxL, mask_BxLxL), None)
+    return jax.lax.scan(body, x_BxLxD, stacked)[0]
 
   def features(self, tokens_BxL: jax.Array, mask_BxL: jax.Array, layer: int) -> jax.Array:
     """The hidden states entering block ``layer``; ``layer = num_layers``: the final-norm output
@@ -234,7 +246,4 @@ class Llama(nnx.Module):
     if layer == self.cfg.num_layers:
       return self(tokens_BxL, mask_BxL)
     pos_BxL, mask_BxLxL = positions_and_mask(mask_BxL, self.cfg.sliding_window)
-    x_BxLxD = self.embed(tokens_BxL)
-    for block in self.layers[:layer]:
-      x_BxLxD = block(x_BxLxD, pos_BxL, mask_BxLxL)
-    return x_BxLxD
+    return self._blocks(list(self.layers[:layer]), self.embed(tokens_BxL), pos_BxL, mask_BxLxL)
