@@ -58,6 +58,11 @@ _LOSSES = flags.DEFINE_list("losses", ["bt", "paper", "infonce"],
                            "rmjax objectives to time: bt (BT only), paper (+ beta=0.5 paper "
                            "contrastive), infonce (+ beta=0.5 in-batch InfoNCE); bt is required.")
 _NO_TORCH = flags.DEFINE_bool("no_torch", False, "Skip the PyTorch comparison.")
+_SPARSE = flags.DEFINE_bool("sparse_last_block", True,
+                            "loss.sparse_last_block, on by default as in rmjax.main (the last "
+                            "block runs at the last token and the sampled states only); MFU "
+                            "counts the full model's FLOPs either way.")
+_SCAN = flags.DEFINE_bool("scan_layers", False, "model.scan_layers (prints the compile time).")
 _PROFILE = flags.DEFINE_bool("profile", False,
                              "Trace one rmjax BT step (jax.profiler) and print where its time "
                              "goes: matmuls, layout copies, the rest.")
@@ -68,7 +73,9 @@ def config_for(variant: str):
   c = synthetic.get_config(variant)
   c.model.update(vocab_size=_VOCAB.value, dim=_DIM.value, num_layers=_LAYERS.value,
                  num_heads=_HEADS.value, num_kv_heads=_KV_HEADS.value, head_dim=_HEAD_DIM.value,
-                 mlp_dim=_MLP.value, rope_theta=_ROPE_THETA.value, dtype=_DTYPE.value)
+                 mlp_dim=_MLP.value, rope_theta=_ROPE_THETA.value, dtype=_DTYPE.value,
+                 scan_layers=_SCAN.value)
+  c.loss.sparse_last_block = _SPARSE.value
   c.train.batch_size = _PAIRS.value
   c.mesh.shape = (1, 1, 1)
   return c

@@ -9,8 +9,9 @@
 (``num_samples``), ``mode``. ``--loss=package.module:function`` replaces the built-in contrastive
 term by your function (called as ``fn(out: PairOutputs, key)``, see README), weighted by ``beta``.
 Prints one row per run (accuracy; AUROC with a 95% bootstrap interval resampled by problem) and
-one summary row per setting (mean ± sd over seeds); writes ``results.json``, ``results.md`` and
-``curves.png`` (held-out accuracy and AUROC against steps, mean over seeds) to ``--out``.
+one summary row per setting (mean ± sd over seeds); writes ``results.json`` (after every run: a
+rerun with the same ``--out`` skips finished runs), ``results.md`` and ``curves.png`` (held-out
+accuracy and AUROC against steps, mean over seeds) to ``--out``.
 """
 from __future__ import annotations
 
@@ -82,22 +83,35 @@ def main(argv=None) -> None:
   fixed = parse_assignments(args.set, multi=False)
   fixed.update({"train.steps": args.steps, "train.batch_size": args.batch_size})
   sweep = parse_assignments(args.sweep, multi=True) or {"loss.beta": [None]}
+  # resumable: runs already in --out's results.json are kept, not re-run
+  results_path = os.path.join(args.out, "results.json") if args.out else ""
+  done = {}
+  if results_path and os.path.exists(results_path):
+    with open(results_path) as f:
+      done = json.load(f)["results"]
   results, rows = {}, []
   for values in itertools.product(*sweep.values()):
     setting = {k: v for k, v in zip(sweep, values) if v is not None}
     name = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in setting.items()) or "config"
     results[name] = []
     for seed in (int(s) for s in args.seeds.split(",")):
-      overrides = {**fixed, **setting, "seed": seed}
-      if args.loss:
-        beta = float(overrides.get("loss.beta", 0.5))
-        overrides.update({"loss.custom": f"{args.loss}={beta}", "loss.beta": 0.0})
-      config = loss_lab.lab_config(args.features, **overrides)
-      t0 = time.perf_counter()
-      result = loss_lab.run(config, args.features, eval_split=args.eval_split,
-                            eval_every=args.eval_every, n_boot=args.n_boot)
-      result.update(setting=name, seed=seed, seconds=time.perf_counter() - t0)
+      result = next((r for r in done.get(name, []) if r["seed"] == seed), None)
+      if result is None:
+        overrides = {**fixed, **setting, "seed": seed}
+        if args.loss:
+          beta = float(overrides.get("loss.beta", 0.5))
+          overrides.update({"loss.custom": f"{args.loss}={beta}", "loss.beta": 0.0})
+        config = loss_lab.lab_config(args.features, **overrides)
+        t0 = time.perf_counter()
+        result = loss_lab.run(config, args.features, eval_split=args.eval_split,
+                              eval_every=args.eval_every, n_boot=args.n_boot)
+        result.update(setting=name, seed=seed, seconds=time.perf_counter() - t0)
       results[name].append(result)
+      if results_path:
+        os.makedirs(args.out, exist_ok=True)
+        with open(results_path + ".tmp", "w") as f:
+          json.dump({"args": vars(args), "results": {**done, **results}}, f, indent=1)
+        os.replace(results_path + ".tmp", results_path)
       rows.append({"setting": name, "seed": seed, "accuracy": result["pairwise_accuracy"],
                    "AUROC": result["auroc"],
                    "95% CI": f"[{result['auroc_low']:.3f}, {result['auroc_high']:.3f}]",
@@ -112,9 +126,6 @@ def main(argv=None) -> None:
   table = markdown_table(rows) + "\n\n" + markdown_table(summary)
   print(table)
   if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-      json.dump({"args": vars(args), "results": results}, f, indent=1)
     with open(os.path.join(args.out, "results.md"), "w") as f:
       f.write(table + "\n")
     plot(results, os.path.join(args.out, "curves.png"))
