@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import shutil
+import threading
 
 import grain
 import jax
@@ -62,18 +63,28 @@ class FeatureSource:
     self.shard_size = self.meta["shard_size"]
     self.n = self.meta["splits"][split]
     self._open: dict[int, dict] = {}
+    self._lock = threading.Lock()  # grain reads from threads; np.load's header parse is not
+    # thread-safe on CPython 3.11 ("AST constructor recursion depth mismatch")
+
+  def __getstate__(self):  # for grain worker processes: reopen the shards there
+    return {**self.__dict__, "_open": {}, "_lock": None}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _lock=threading.Lock())
 
   def __len__(self) -> int:
     return self.n
 
   def shard(self, s: int) -> dict[str, np.ndarray]:
-    if s not in self._open:
-      folder = os.path.join(self.root, f"{s:05d}")
-      if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder}: shard missing; rerun rmjax.cache_features to finish")
-      self._open[s] = {k: np.load(os.path.join(folder, f"{k}.npy"), mmap_mode="r")
-                       for k in FIELDS}
-    return self._open[s]
+    with self._lock:
+      if s not in self._open:
+        folder = os.path.join(self.root, f"{s:05d}")
+        if not os.path.isdir(folder):
+          raise FileNotFoundError(f"{folder}: shard missing; rerun rmjax.cache_features to "
+                                  "finish")
+        self._open[s] = {k: np.load(os.path.join(folder, f"{k}.npy"), mmap_mode="r")
+                         for k in FIELDS}
+      return self._open[s]
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
     if not 0 <= i < self.n:

@@ -1,5 +1,6 @@
 """Cached features + loss lab: the same loss as the full model, the lab loop, resumable caching."""
 import os
+import pickle
 
 import jax
 import numpy as np
@@ -71,3 +72,12 @@ def test_cache_resumes_and_refuses_other_settings(cached):
     np.testing.assert_array_equal(np.load(os.path.join(shard, "features.npy")), before)
     with pytest.raises(ValueError, match="other settings"):
       cache_features.cache(config, model, 2, out, limit=16, batch_size=8)
+
+
+def test_feature_source_pickles_for_worker_processes(cached):
+  _, _, out, _ = cached
+  src = cache_features.FeatureSource(out, "train")
+  want = src[3]  # opens a shard (memory maps + the lock that guards opening)
+  back = pickle.loads(pickle.dumps(src))
+  for k, v in back[3].items():
+    np.testing.assert_array_equal(v, want[k])
