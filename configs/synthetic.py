@@ -45,7 +45,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.model.param_dtype = "float32"
   c.model.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (weights stay param_dtype)
   c.model.remat = "none"  # recompute activations per block: 'none', 'dots_saveable', 'full'
-  c.model.scan_layers = False  # blocks as one lax.scan: one compiled block, faster compiles
+  c.model.scan_layers = False  # blocks as one lax.scan (one block in the program; README)
 
   c.loss = ConfigDict()
   c.loss.bt_weight = 1.0  # weight of the Bradley-Terry term

@@ -45,8 +45,8 @@ class LlamaConfig:
   # per-block rematerialisation (memory for compute): 'none', 'dots_saveable' (keep matmul
   # outputs, recompute the rest in the backward pass) or 'full' (keep only each block's input)
   remat: str = "none"
-  # run the blocks as one jax.lax.scan (one compiled block instead of num_layers: faster
-  # compiles); the weights stay per block and are stacked on the fly (one transient copy)
+  # run the blocks as one jax.lax.scan (one block in the compiled program instead of
+  # num_layers); the weights stay per block and are stacked on the fly (one transient copy)
   scan_layers: bool = False
 
   def __post_init__(self):
