@@ -20,7 +20,8 @@ each variant it also runs goal-filtered majority voting over the held-out proble
 (``rmjax.eval.voting``; goal = mean final-token state of the training pairs' correct solutions):
 voting accuracy, tokens saved at equal accuracy, and the paper's rule (drop once Q_t < 0 after 5
 tokens), and with ``--perturbed`` error localisation: the hit rate of the largest drop of Q_t (and
-of the prefix reward) in the changed calculation's line, against a random position.
+of the prefix reward) in the changed calculation's line, against a random position and against
+the pretrained top block's own Q_t (no reward-model training).
 """
 from __future__ import annotations
 
@@ -198,9 +199,8 @@ def main(argv=None) -> None:
 
   thresholds = [float(t) for t in np.round(np.arange(-0.2, 0.61, 0.05), 2)]
   for name, result in results.items():
-    todo = result["seed"] == 0 and ("voting" not in result or
-                                    (args.perturbed and "localization" not in result))
-    if not todo:
+    missing = "voting" not in result or (args.perturbed and "localization" not in result)
+    if result["variant"] not in VARIANTS or result["seed"] != 0 or not missing:
       continue
     top = TrainedTop(args.features, os.path.join(args.out, f"{name}.npz"))
     if "voting" not in result:
@@ -209,6 +209,15 @@ def main(argv=None) -> None:
     if args.perturbed and "localization" not in result:
       result["localization"] = localization_analysis(top, args.perturbed)
       print(json.dumps({name: result["localization"]}))
+    save(results)
+
+  if args.perturbed and "pretrained" not in results:
+    # control: Q_t of the pretrained top block itself (no reward-model training); the goal is
+    # still the mean final-token state of the correct training solutions
+    top = TrainedTop(args.features, os.path.join(args.features, "top_params.npz"))
+    results["pretrained"] = {"variant": "pretrained", "seed": None,
+                             "localization": localization_analysis(top, args.perturbed)}
+    print(json.dumps(results["pretrained"]))
     save(results)
 
   rows = []
