@@ -43,7 +43,7 @@ def test_features_give_the_full_models_loss_and_gradients(cached):
       gdef, params, rest = nnx.split(m, trainable, ...)
       fn = lambda p: objective.objective(nnx.merge(gdef, p, rest), batch, key, terms,
                                          start_layer)[0]
-      return jax.value_and_grad(fn)(params)
+      return jax.jit(jax.value_and_grad(fn))(params)
 
     full_loss, full_grads = loss_and_grads(model, tokens, 0)
     lab_loss, lab_grads = loss_and_grads(lab_model, feats, 1)

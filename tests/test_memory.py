@@ -22,10 +22,12 @@ def loss_and_grads(config, mesh):
   return jax.device_get((loss, grads))
 
 
-def test_remat_policies_and_scan_match_the_plain_loop(mesh1):
+@pytest.mark.parametrize("variants", [
+    pytest.param((("dots_saveable", False), ("full", True)), id="dots-and-scan+full"),
+    pytest.param((("full", False), ("none", True)), id="full-and-scan", marks=pytest.mark.slow)])
+def test_remat_policies_and_scan_match_the_plain_loop(mesh1, variants):
   results = {}
-  for remat, scan in (("none", False), ("dots_saveable", False), ("full", False), ("none", True),
-                      ("full", True)):
+  for remat, scan in (("none", False), *variants):
     config = tiny_config("bt")  # the blocks are what remat changes; BT compiles fastest
     config.model.num_layers, config.model.remat, config.model.scan_layers = 3, remat, scan
     results[remat, scan] = loss_and_grads(config, mesh1)

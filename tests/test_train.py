@@ -104,7 +104,7 @@ def test_non_finite_update_is_skipped_and_counted(mesh1):
 
 
 def test_sigkill_mid_run_then_resume_is_bitwise_equal(tmp_path):
-  steps = ["--config.train.steps=300", "--config.train.ckpt_every=20",
+  steps = ["--config.train.steps=120", "--config.train.ckpt_every=20",
            "--config.train.eval_every=1000", "--config.train.log_every=50",
            "--config.loss.beta=0.25"]
   code, _, err = run_main(tmp_path / "whole", *steps)
@@ -119,15 +119,15 @@ def test_sigkill_mid_run_then_resume_is_bitwise_equal(tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.communicate()
   assert proc.returncode == -signal.SIGKILL
-  assert not (tmp_path / "killed" / "checkpoints" / "300").exists(), "killed too late"
+  assert not (tmp_path / "killed" / "checkpoints" / "120").exists(), "killed too late"
   code, _, err = run_main(tmp_path / "killed", *steps)
   assert code == 0, err
   resumed_at = [l for l in err.splitlines() if "resumed" in l]
-  assert resumed_at and "step 300" not in resumed_at[0], resumed_at
+  assert resumed_at and "step 120" not in resumed_at[0], resumed_at
   config = tiny_config("paper")
   step_a, whole = final_params(tmp_path / "whole", config)
   step_b, resumed = final_params(tmp_path / "killed", config)
-  assert step_a == step_b == 300
+  assert step_a == step_b == 120
   leaves_a, leaves_b = jax.tree.leaves(whole), jax.tree.leaves(resumed)
   assert len(leaves_a) == len(leaves_b) > 10
   for a, b in zip(leaves_a, leaves_b):
