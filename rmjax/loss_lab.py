@@ -92,6 +92,19 @@ def evaluate(eval_step, state, source: FeatureSource, batch_size: int, *, n_boot
           "auroc_low": ci["low"], "auroc_high": ci["high"], "solutions": int(len(first))}
 
 
+def evaluate_saved(features_dir: str, params: str, split: str, *, batch_size: int = 8,
+                   n_boot: int = 1000) -> dict[str, float]:
+  """``evaluate`` for a run's saved top parameters (``run(save_to=...)``) on a split of cached
+  features (e.g. a test split cached later, in its own folder, from the same backbone and layer)."""
+  config = lab_config(features_dir)
+  source = FeatureSource(features_dir, split)
+  with sharding.use_mesh(sharding.make_mesh((1, 1, 1), jax.devices()[:1]), config.mesh.rules):
+    graphdef, state = create_state(config, pretrained=False)
+    state = load_top_params(state, params)
+    eval_step = jax.jit(make_eval_step(graphdef, source.meta["layer"]))
+    return evaluate(eval_step, state, source, batch_size, n_boot=n_boot)
+
+
 def run(config, features_dir: str, *, eval_split: str = "validation", eval_every: int = 0,
         n_boot: int = 1000, progress: bool = False, save_to: str = "") -> dict:
   """Trains ``config.train.steps`` steps on the cached ``train`` split; returns the final held-out

@@ -10,11 +10,16 @@
   # 2. every variant x seed on them (resumable: finished runs are kept in results.json)
   python scripts/experiment_gsm8k.py --features=runs/features_gsm8k_l29 --out=runs/exp_l29 \
       --perturbed=runs/features_perturbed_l29
+  # 3. once, at the end: the test problems (cached in their own folder; nothing is tuned on them)
+  python -m rmjax.cache_features --config=configs/gsm8k_smollm2.py --layer=29 --splits=test \
+      --out=runs/features_gsm8k_l29_test
+  python scripts/experiment_gsm8k.py ... --test=runs/features_gsm8k_l29_test
 
 Variants: ``bt`` (beta 0), ``paper`` (paper contrastive, random future goal), ``paper_avg`` and
 ``paper_final`` (goal strategies), ``infonce`` (in-batch negatives, tau 0.1). Every run has the same
 steps, batch, learning rate and data order per seed. Held-out = the validation problems (no
-problem of the training pairs); nothing is tuned on them. Writes ``results.json``, ``results.md``
+problem of the training pairs); nothing is tuned on them. ``--test`` evaluates the finished runs
+on the test problems too (pairwise accuracy, AUROC; voting for seed 0). Writes ``results.json``, ``results.md``
 (the README table) and each run's trained parameters (``<variant>_s<seed>.npz``). For seed 0 of
 each variant it also runs goal-filtered majority voting over the held-out problems' solutions
 (``rmjax.eval.voting``; goal = mean final-token state of the training pairs' correct solutions):
@@ -111,11 +116,12 @@ class TrainedTop:
     return np.asarray(goal_lib.q_values(h, self.goal, mask))
 
 
-def voting_analysis(top: TrainedTop, features: str, thresholds) -> dict:
+def voting_analysis(top: TrainedTop, features: str, thresholds, split: str = "validation"
+                    ) -> dict:
   """Goal-filtered majority voting with the run's Q_t = cos(h_t, goal) over the held-out
   solutions."""
   from rmjax.eval import voting
-  h, rows, label, problem = top.sequences(features, "validation")
+  h, rows, label, problem = top.sequences(features, split)
   q = top.q_values(h, rows["mask"])
   solutions = []
   # a neutral order within each problem: the vote breaks ties by order, and pair rows put the
@@ -166,6 +172,8 @@ def main(argv=None) -> None:
   ap.add_argument("--eval_every", type=int, default=20)
   ap.add_argument("--perturbed", default="", help="cached gsm8k_perturbed features (same layer) "
                   "for error localisation")
+  ap.add_argument("--test", default="", help="cached features of the test split (same backbone "
+                  "and layer): every finished run is also evaluated there, once, after training")
   args = ap.parse_args(argv)
 
   from absl import logging as absl_logging
@@ -211,6 +219,17 @@ def main(argv=None) -> None:
       print(json.dumps({name: result["localization"]}))
     save(results)
 
+  for name, result in results.items():
+    if not args.test or result["variant"] not in VARIANTS or "test" in result:
+      continue
+    saved = os.path.join(args.out, f"{name}.npz")
+    result["test"] = loss_lab.evaluate_saved(args.test, saved, "test", batch_size=args.batch_size)
+    if result["seed"] == 0:
+      top = TrainedTop(args.features, saved)  # the goal still comes from the training solutions
+      result["test"]["voting"] = voting_analysis(top, args.test, thresholds, split="test")
+    print(json.dumps({name: {k: v for k, v in result["test"].items() if k != "voting"}}))
+    save(results)
+
   if args.perturbed and "pretrained" not in results:
     # control: Q_t of the pretrained top block itself (no reward-model training); the goal is
     # still the mean final-token state of the correct training solutions
@@ -238,6 +257,15 @@ def main(argv=None) -> None:
                  "acc / saved at Q<0 (m=5)":
                      f"{first['voting']['paper_threshold_0']['accuracy']:.3f} / "
                      f"{first['voting']['paper_threshold_0']['tokens_saved']:.3f}"})
+    if tests := [r["test"] for r in runs if "test" in r]:
+      acc, auc = [t["pairwise_accuracy"] for t in tests], [t["auroc"] for t in tests]
+      rows[-1]["test: pairwise acc"] = f"{np.mean(acc):.3f} ± {np.std(acc):.3f}"
+      rows[-1]["test: AUROC"] = f"{np.mean(auc):.3f} ± {np.std(auc):.3f}"
+      if "voting" in (t0 := first.get("test", {})):
+        rows[-1]["test: CI (seed 0), voting acc, tokens saved"] = (
+            f"[{t0['auroc_low']:.3f}, {t0['auroc_high']:.3f}], "
+            f"{t0['voting']['unfiltered_accuracy']:.3f}, "
+            f"{t0['voting']['tokens_saved_at_equal_accuracy']:.3f}")
     if loc := first.get("localization"):
       q, r = loc["q_largest_drop"], loc["prefix_reward_largest_drop"]
       rows[-1]["error step hit: Q_t / prefix reward / random"] = (

@@ -53,13 +53,19 @@ def test_features_give_the_full_models_loss_and_gradients(cached):
                lab_grads, full_grads)
 
 
-def test_lab_run_trains_and_reports_metrics(cached):
+def test_lab_run_trains_and_reports_metrics(cached, tmp_path):
   _, _, out, _ = cached
   config = loss_lab.lab_config(out, **{"train.steps": 6, "train.batch_size": 4})
-  result = loss_lab.run(config, out, eval_every=3, n_boot=50)
+  saved = str(tmp_path / "top.npz")
+  result = loss_lab.run(config, out, eval_every=3, n_boot=50, save_to=saved)
   assert [h["step"] for h in result["history"]] == [3, 6]
   assert 0 <= result["pairwise_accuracy"] <= 1 and result["auroc_low"] <= result["auroc"]
   assert result["solutions"] == 32  # 16 pairs, every solution distinct in the synthetic data
+  # the saved parameters reproduce the run's final held-out metrics; the pretrained top does not
+  again = loss_lab.evaluate_saved(out, saved, "validation", batch_size=4, n_boot=50)
+  assert again == {k: result[k] for k in again}
+  start = loss_lab.evaluate_saved(out, out, "validation", batch_size=4, n_boot=50)
+  assert start["auroc"] != result["auroc"]
 
 
 def test_cache_resumes_and_refuses_other_settings(cached):
