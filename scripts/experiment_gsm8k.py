@@ -83,8 +83,7 @@ class TrainedTop:
     self.tokenizer = make_tokenizer(self.config)
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     with sharding.use_mesh(mesh, self.config.mesh.rules):
-      graphdef, state = train.create_state(self.config, pretrained=False)
-      model, _ = train.unpack(nnx.merge(graphdef, loss_lab.load_top_params(state, params)))
+      model, _ = train.unpack(nnx.merge(*loss_lab.lab_state(self.config, params)))
     self.head = lambda h: np.asarray(model.head(h))[..., 0]
     self._hidden = jax.jit(lambda x, m: model.from_features(x, m, layer)[1])
     h, rows, _, _ = self.sequences(features, "train", chosen_only=True)

@@ -26,7 +26,7 @@ def cached(tmp_path_factory):
 
 def test_features_give_the_full_models_loss_and_gradients(cached):
   config, model, out, mesh = cached
-  lab = loss_lab.lab_config(out, **{"seed": 123})  # another seed: lower layers differ
+  lab = loss_lab.lab_config(out, **{"seed": 123})  # another seed; its lower layers are zeros
   src = cache_features.FeatureSource(out, "train")
   rows = [src[i] for i in range(8)]
   feats = {k: np.stack([r[k] for r in rows]) for k in loss_lab.BATCH_FIELDS}
@@ -35,8 +35,7 @@ def test_features_give_the_full_models_loss_and_gradients(cached):
   terms = objective.build_terms(config.loss)
   key = jax.random.key(7)
   with sharding.use_mesh(mesh):
-    graphdef, state = train.create_state(lab, pretrained=False)
-    lab_model, _ = train.unpack(nnx.merge(graphdef, loss_lab.load_top_params(state, out)))
+    lab_model, _ = train.unpack(nnx.merge(*loss_lab.lab_state(lab, out)))
     trainable = train.trainable_filter(lab)
 
     def loss_and_grads(m, batch, start_layer):
