@@ -22,7 +22,7 @@ from flax import nnx
 from rmjax import objective, sharding
 from rmjax.cache_features import FeatureSource, top_param_paths
 from rmjax.eval.metrics import auroc_ci, pairwise_accuracy
-from rmjax.train import (create_state, make_eval_step, make_train_step, trainable_filter,
+from rmjax.train import (abstract_state, make_eval_step, make_train_step, trainable_filter,
                          unpack)
 
 BATCH_FIELDS = ("features", "mask", "response", "margin")
@@ -62,13 +62,13 @@ def load_top_params(state, path: str):
   return nnx.from_flat_state(flat)
 
 
-def lab_state(config, params: str):
+def lab_state(config, params: str, mesh):
   """``create_state`` without its random initialisation (40 s for SmolLM2-135M on 2 cores): the
   lab runs only the blocks from the cached layer up, the final norm and the head, all loaded from
   ``params`` (a features folder or a run's saved top); every other parameter is zeros, never read.
-  Call under the mesh."""
-  graphdef, abstract = nnx.eval_shape(lambda: create_state(config, pretrained=False))
-  state = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract)
+  Call under ``mesh``."""
+  graphdef, abstract = abstract_state(config, mesh)
+  state = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), abstract)
   return graphdef, load_top_params(state, params)
 
 
@@ -109,8 +109,9 @@ def evaluate_saved(features_dir: str, params: str, split: str, *, batch_size: in
   features (e.g. a test split cached later, in its own folder, from the same backbone and layer)."""
   config = lab_config(features_dir)
   source = FeatureSource(features_dir, split)
-  with sharding.use_mesh(sharding.make_mesh((1, 1, 1), jax.devices()[:1]), config.mesh.rules):
-    graphdef, state = lab_state(config, params)
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  with sharding.use_mesh(mesh, config.mesh.rules):
+    graphdef, state = lab_state(config, params, mesh)
     eval_step = jax.jit(make_eval_step(graphdef, source.meta["layer"]))
     return evaluate(eval_step, state, source, batch_size, n_boot=n_boot)
 
@@ -124,7 +125,7 @@ def run(config, features_dir: str, *, eval_split: str = "validation", eval_every
   layer = train_src.meta["layer"]
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   with sharding.use_mesh(mesh, config.mesh.rules):
-    graphdef, state = lab_state(config, features_dir)
+    graphdef, state = lab_state(config, features_dir, mesh)
     terms = objective.build_terms(config.loss)
     step_fn = jax.jit(make_train_step(graphdef, terms, accum_steps=1, seed=config.seed,
                                       trainable=trainable_filter(config), start_layer=layer),

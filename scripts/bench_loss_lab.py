@@ -70,7 +70,7 @@ def main(argv=None) -> None:
   with sharding.use_mesh(mesh, lab.mesh.rules):
     for name, config, batch, start in (("features", lab, feats, layer), ("full", full, tokens, 0)):
       if name == "features":
-        graphdef, state = loss_lab.lab_state(config, args.features)
+        graphdef, state = loss_lab.lab_state(config, args.features, mesh)
       else:
         graphdef, state = train.create_state(config, mesh)
       model, _ = train.unpack(nnx.merge(graphdef, state))

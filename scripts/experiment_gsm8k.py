@@ -83,7 +83,7 @@ class TrainedTop:
     self.tokenizer = make_tokenizer(self.config)
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     with sharding.use_mesh(mesh, self.config.mesh.rules):
-      model, _ = train.unpack(nnx.merge(*loss_lab.lab_state(self.config, params)))
+      model, _ = train.unpack(nnx.merge(*loss_lab.lab_state(self.config, params, mesh)))
     self.head = lambda h: np.asarray(model.head(h))[..., 0]
     self._hidden = jax.jit(lambda x, m: model.from_features(x, m, layer)[1])
     h, rows, _, _ = self.sequences(features, "train", chosen_only=True)
@@ -206,27 +206,27 @@ def main(argv=None) -> None:
 
   thresholds = [float(t) for t in np.round(np.arange(-0.2, 0.61, 0.05), 2)]
   for name, result in results.items():
-    missing = "voting" not in result or (args.perturbed and "localization" not in result)
-    if result["variant"] not in VARIANTS or result["seed"] != 0 or not missing:
-      continue
-    top = TrainedTop(args.features, os.path.join(args.out, f"{name}.npz"))
-    if "voting" not in result:
-      result["voting"] = voting_analysis(top, args.features, thresholds)
-      print(json.dumps({name: {k: v for k, v in result["voting"].items() if k != "curve"}}))
-    if args.perturbed and "localization" not in result:
-      result["localization"] = localization_analysis(top, args.perturbed)
-      print(json.dumps({name: result["localization"]}))
-    save(results)
-
-  for name, result in results.items():
-    if not args.test or result["variant"] not in VARIANTS or "test" in result:
+    if result["variant"] not in VARIANTS:
       continue
     saved = os.path.join(args.out, f"{name}.npz")
-    result["test"] = loss_lab.evaluate_saved(args.test, saved, "test", batch_size=args.batch_size)
-    if result["seed"] == 0:
-      top = TrainedTop(args.features, saved)  # the goal still comes from the training solutions
-      result["test"]["voting"] = voting_analysis(top, args.test, thresholds, split="test")
-    print(json.dumps({name: {k: v for k, v in result["test"].items() if k != "voting"}}))
+    test = args.test and "test" not in result
+    # seed 0: voting, localisation and test voting, all on one trained top (the goal always
+    # comes from the training solutions)
+    analyses = result["seed"] == 0 and (
+        "voting" not in result or (args.perturbed and "localization" not in result) or test)
+    top = TrainedTop(args.features, saved) if analyses else None
+    if top and "voting" not in result:
+      result["voting"] = voting_analysis(top, args.features, thresholds)
+      print(json.dumps({name: {k: v for k, v in result["voting"].items() if k != "curve"}}))
+    if top and args.perturbed and "localization" not in result:
+      result["localization"] = localization_analysis(top, args.perturbed)
+      print(json.dumps({name: result["localization"]}))
+    if test:
+      result["test"] = loss_lab.evaluate_saved(args.test, saved, "test",
+                                               batch_size=args.batch_size)
+      if top:
+        result["test"]["voting"] = voting_analysis(top, args.test, thresholds, split="test")
+      print(json.dumps({name: {k: v for k, v in result["test"].items() if k != "voting"}}))
     save(results)
 
   if args.perturbed and "pretrained" not in results:

@@ -35,7 +35,7 @@ def test_features_give_the_full_models_loss_and_gradients(cached):
   terms = objective.build_terms(config.loss)
   key = jax.random.key(7)
   with sharding.use_mesh(mesh):
-    lab_model, _ = train.unpack(nnx.merge(*loss_lab.lab_state(lab, out)))
+    lab_model, _ = train.unpack(nnx.merge(*loss_lab.lab_state(lab, out, mesh)))
     trainable = train.trainable_filter(lab)
 
     def loss_and_grads(m, batch, start_layer):
