@@ -61,6 +61,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.model.qkv_bias = False
   c.model.param_dtype = "float32"
   c.model.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16'
+  c.model.attention = "xla"  # 'xla', or 'cudnn': flash attention on NVIDIA GPUs (bf16 dtype)
 
   c.loss = ConfigDict()
   c.loss.bt_weight = 1.0  # weight of the Bradley-Terry term

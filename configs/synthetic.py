@@ -44,6 +44,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.model.qkv_bias = False  # True for Qwen2-style models
   c.model.param_dtype = "float32"
   c.model.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (weights stay param_dtype)
+  c.model.attention = "xla"  # 'xla', or 'cudnn': flash attention on NVIDIA GPUs (bf16 dtype)
   c.model.remat = "none"  # recompute activations per block: 'none', 'dots_saveable', 'full'
   c.model.scan_layers = False  # blocks as one lax.scan (one block in the program; README)
 

@@ -72,16 +72,19 @@ def _state_bytes(state, rules, mesh_sizes) -> int:
 
 
 def _block_bytes(cfg, t: int, l: int, n: int, k: int, f: int, remat: str) -> tuple[int, int]:
-  """(bytes kept for the backward pass, bytes alive while recomputing one block) of one block."""
+  """(bytes kept for the backward pass, bytes alive while recomputing one block) of one block.
+
+  A fusing compiler (XLA on GPU/TPU) keeps the block input and the matmul outputs and recomputes
+  elementwise results (norms, RoPE, SiLU) inside the fusions that read them, so 'none' and
+  'dots_saveable' keep the same here; XLA:GPU may keep less under 'dots_saveable'."""
   c, h, d = np.dtype(DTYPES[cfg.dtype]).itemsize, cfg.hd, cfg.dim
   block_input = t * d * c
-  # matmul outputs: q, k, v, attention logits (fp32), attention output, o, gate, up, down
-  dots = t * c * ((n + 2 * k) * h + n * h + 2 * d + 2 * f) + t * n * l * 4
-  # the rest: norms (fp32 and cast), rope (fp32 and cast), softmax, silu, silu * up
-  elementwise = t * (c * (2 * d + (n + k) * h + 2 * f) + 4 * (2 * d + (n + k) * h))
-  every = block_input + dots + elementwise
-  kept = {"none": every, "dots_saveable": block_input + dots, "full": block_input}[remat]
-  return kept, every - kept
+  # matmul outputs: q, k, v, attention logits (fp32; cuDNN's flash attention keeps only the
+  # softmax statistics, one fp32 per query and head), attention output, o, gate, up, down
+  logits = t * n * 4 if cfg.attention == "cudnn" else t * n * l * 4
+  dots = t * c * ((n + 2 * k) * h + n * h + 2 * d + 2 * f) + logits
+  kept = block_input + dots if remat in ("none", "dots_saveable") else block_input
+  return kept, block_input + dots - kept
 
 
 def plan(config, mesh_shape, dcn_shape=None) -> MemoryPlan:
@@ -113,3 +116,25 @@ def plan(config, mesh_shape, dcn_shape=None) -> MemoryPlan:
   activations = cfg.num_layers * kept + recompute + final_hidden
   return MemoryPlan(params=params, optimizer=optimizer, gradients=gradients, batch=batch,
                     activations=activations)
+
+
+def compiled(config, mesh: jax.sharding.Mesh):
+  """XLA's ``memory_analysis()`` of ``rmjax.train``'s step for ``config`` on ``mesh`` (real
+  devices), compiled as the trainer compiles it (sharded, state donated); nothing is allocated.
+  Per device: arguments = state + batch, outputs = state (+ metrics), temp = everything else."""
+  from rmjax import objective, train
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  with sharding.use_mesh(mesh, rules):
+    graphdef, abstract = train.abstract_state(config, mesh)
+    b, l = config.train.batch_size, config.data.max_len
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(
+        shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape), rules))
+    batch = {k: spec((b, 2, l), np.int32) for k in ("tokens", "mask", "response")}
+    batch["margin"] = spec((b,), np.float32)
+    state_sharding = jax.tree.map(lambda x: x.sharding, abstract)
+    step = jax.jit(train.make_train_step(graphdef, objective.build_terms(config.loss),
+                                         accum_steps=config.train.accum_steps, seed=0,
+                                         trainable=train.trainable_filter(config)),
+                   in_shardings=(state_sharding, None), out_shardings=(state_sharding, None),
+                   donate_argnums=0)
+    return step.lower(abstract, batch).compile().memory_analysis()

@@ -42,7 +42,8 @@ def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
   return optax.apply_if_finite(tx, max_consecutive_errors=optim.max_consecutive_nonfinite)
 
 
-ARCH_EXEMPT = ("init_from", "dtype", "param_dtype", "remat", "scan_layers")  # fields that are not architecture
+ARCH_EXEMPT = ("init_from", "dtype", "param_dtype", "remat", "scan_layers",
+               "attention")  # fields that are not architecture
 
 
 def _same(a, b) -> bool:  # floats from checkpoints are often float32 roundings (GGUF)

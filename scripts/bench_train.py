@@ -3,7 +3,9 @@
   python scripts/bench_train.py                      # SmolLM2-135M shape, 4 of its 30 layers
   python scripts/bench_train.py --layers=30 --losses=bt --steps=2    # the whole 135M model
   python scripts/bench_train.py --layers=2 --seq=64 --steps=1 --no_torch   # smoke run
-  python scripts/bench_train.py --profile            # + where one rmjax step's time goes
+  python scripts/bench_train.py --profile            # + where one rmjax step's time goes (CPU)
+  python scripts/bench_train.py --layers=30 --pairs=16 --seq=1024 --dtype=bfloat16 \
+      --attention=cudnn --steps=20                   # on an NVIDIA GPU: bf16, flash attention
 
 # B: pairs, L: sequence length
 
@@ -15,15 +17,17 @@ per-round ratios for the comparisons. Each contestant is compiled and warmed up 
 The rmjax step is ``rmjax.train.make_train_step`` exactly as ``rmjax.main`` runs it (jitted,
 state donated, AdamW + global-norm clipping + apply_if_finite). The PyTorch step is
 ``LlamaForSequenceClassification`` with the same shapes (num_labels=1, SDPA attention), the same
-BT loss on the chosen/rejected rewards, ``clip_grad_norm_`` and ``torch.optim.AdamW`` (fused, its
-fastest CPU path), fp32, ``torch.set_num_threads(os.cpu_count())``.
+BT loss on the chosen/rejected rewards, ``clip_grad_norm_`` and ``torch.optim.AdamW`` (fused),
+eager mode, on the device JAX uses (CPU: ``torch.set_num_threads(os.cpu_count())``; GPU: CUDA).
+With ``--dtype=bfloat16`` both keep fp32 weights, gradients and Adam state and compute in bf16
+(rmjax: ``model.dtype``; PyTorch: ``torch.autocast``, where SDPA picks flash attention).
 
 Model FLOPs per token (PaLM, appendix B): ``6 * N + 12 * layers * heads * head_dim * L`` where N
 counts the non-embedding parameters (the input embedding is a gather, not a matmul) and the second
 term is the attention scores and values, forward + backward, without causal savings (XLA and SDPA
 compute the full L x L block). MFU = achieved model FLOP/s / peak, per round, then the median; the
-peak is that round's FLOP/s of a jitted square matmul in the compute dtype (best of 3), or
-``--peak_tflops`` for a named accelerator.
+peak is that round's FLOP/s of a jitted square matmul in the compute dtype (best of 3; 2048² on
+CPU, 8192² on an accelerator), or ``--peak_tflops`` for a named accelerator.
 """
 from __future__ import annotations
 
@@ -53,7 +57,8 @@ _MLP = flags.DEFINE_integer("mlp", 1536, "MLP hidden dim.")
 _ROPE_THETA = flags.DEFINE_float("rope_theta", 1e5, "RoPE base.")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None,
                                   "Named accelerator peak (TFLOP/s) instead of the measured one.")
-_PEAK_N = flags.DEFINE_integer("peak_n", 2048, "Size of the square matmul that measures the peak.")
+_PEAK_N = flags.DEFINE_integer("peak_n", None, "Size of the square matmul that measures the "
+                               "peak (default 2048 on CPU, 8192 on an accelerator).")
 _LOSSES = flags.DEFINE_list("losses", ["bt", "paper", "infonce"],
                            "rmjax objectives to time: bt (BT only), paper (+ beta=0.5 paper "
                            "contrastive), infonce (+ beta=0.5 in-batch InfoNCE); bt is required.")
@@ -62,6 +67,8 @@ _SPARSE = flags.DEFINE_bool("sparse_last_block", True,
                             "loss.sparse_last_block, on by default as in rmjax.main (the last "
                             "block runs at the last token and the sampled states only); MFU "
                             "counts the full model's FLOPs either way.")
+_ATTENTION = flags.DEFINE_enum("attention", "xla", ["xla", "cudnn"],
+                                "model.attention: 'cudnn' = flash attention (NVIDIA GPU, bf16).")
 _SCAN = flags.DEFINE_bool("scan_layers", False, "model.scan_layers (prints the compile time).")
 _PROFILE = flags.DEFINE_bool("profile", False,
                              "Trace one rmjax BT step (jax.profiler) and print where its time "
@@ -74,7 +81,7 @@ def config_for(variant: str):
   c.model.update(vocab_size=_VOCAB.value, dim=_DIM.value, num_layers=_LAYERS.value,
                  num_heads=_HEADS.value, num_kv_heads=_KV_HEADS.value, head_dim=_HEAD_DIM.value,
                  mlp_dim=_MLP.value, rope_theta=_ROPE_THETA.value, dtype=_DTYPE.value,
-                 scan_layers=_SCAN.value)
+                 scan_layers=_SCAN.value, attention=_ATTENTION.value)
   c.loss.sparse_last_block = _SPARSE.value
   c.train.batch_size = _PAIRS.value
   c.mesh.shape = (1, 1, 1)
@@ -96,16 +103,38 @@ def flops_per_token(n_nonembed: int) -> float:
   return 6 * n_nonembed + 12 * _LAYERS.value * _HEADS.value * _HEAD_DIM.value * _SEQ.value
 
 
+def host_random_state(config, mesh):
+  """The train state with weights drawn on the host (N(0, 0.02²); norm scales 1; optimiser
+  state 0) and placed with the state's shardings. Timing does not need rmjax's initialisers,
+  and their jitted init compiles slowly on GPU (over 150 s for 30 layers on an H200)."""
+  import jax
+
+  from rmjax import train
+  graphdef, abstract = train.abstract_state(config, mesh)
+  rng = np.random.default_rng(0)
+
+  def fill(path, x):
+    keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    if keys[0] != "model" or x.ndim == 0 or not np.issubdtype(x.dtype, np.floating):
+      value = np.zeros(x.shape, x.dtype)
+    elif any("norm" in k for k in keys):
+      value = np.ones(x.shape, x.dtype)
+    else:
+      value = (0.02 * rng.standard_normal(x.shape, np.float32)).astype(x.dtype)
+    return jax.device_put(value, x.sharding)
+  return graphdef, jax.tree.map_with_path(fill, abstract)
+
+
 class JaxStep:
   """One jitted, donated rmjax train step; calling it runs a step and returns its seconds."""
 
-  def __init__(self, variant: str, batch):
+  def __init__(self, variant: str, batch, mesh):
     import jax
     from flax import nnx
 
     from rmjax import objective, train
     config = config_for(variant)
-    self.graphdef, self.state = train.create_state(config)
+    self.graphdef, self.state = host_random_state(config, mesh)
     step = train.make_train_step(self.graphdef, objective.build_terms(config.loss),
                                  accum_steps=1, seed=config.seed)
     self.batch = jax.device_put(batch)
@@ -127,10 +156,12 @@ class JaxStep:
 class TorchStep:
   """The same step in PyTorch ``transformers``: LlamaForSequenceClassification, BT, AdamW."""
 
-  def __init__(self, batch):
+  def __init__(self, batch, device: str):
     import torch
     import transformers
-    torch.set_num_threads(os.cpu_count())
+    if device == "cpu":
+      torch.set_num_threads(os.cpu_count())
+    self.device = torch.device(device)
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         vocab_size=_VOCAB.value, hidden_size=_DIM.value, intermediate_size=_MLP.value,
@@ -139,22 +170,27 @@ class TorchStep:
         rope_theta=_ROPE_THETA.value, rms_norm_eps=1e-5, tie_word_embeddings=True,
         num_labels=1, pad_token_id=0, attn_implementation="sdpa")
     self.torch = torch
-    self.model = transformers.LlamaForSequenceClassification(cfg).train()
+    self.model = transformers.LlamaForSequenceClassification(cfg).to(self.device).train()
     self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
+    self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                   enabled=_DTYPE.value == "bfloat16")
     b, _, l = batch["tokens"].shape
-    self.tokens_2BxL = torch.from_numpy(batch["tokens"].reshape(2 * b, l)).long()
-    self.mask_2BxL = torch.from_numpy(batch["mask"].reshape(2 * b, l)).long()
+    to = lambda x: torch.from_numpy(x.reshape(2 * b, l)).long().to(self.device)
+    self.tokens_2BxL, self.mask_2BxL = to(batch["tokens"]), to(batch["mask"])
 
   def __call__(self) -> float:
     torch = self.torch
     t0 = time.perf_counter()
-    reward_Bx2 = self.model(input_ids=self.tokens_2BxL,
-                            attention_mask=self.mask_2BxL).logits.reshape(-1, 2)
+    with self.autocast:
+      reward_Bx2 = self.model(input_ids=self.tokens_2BxL,
+                              attention_mask=self.mask_2BxL).logits.reshape(-1, 2).float()
     loss = -torch.nn.functional.logsigmoid(reward_Bx2[:, 0] - reward_Bx2[:, 1]).mean()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
     self.opt.step()
     self.opt.zero_grad(set_to_none=True)
+    if self.device.type == "cuda":
+      torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
@@ -188,7 +224,8 @@ def xla_cost(compiled) -> tuple[float, float]:
 
 
 def profile(step: JaxStep) -> None:
-  """Traces one step and sums XLA:CPU op time by kind (ops run on 2 threads: sums exceed wall)."""
+  """Traces one step and sums op time by kind: XLA:CPU's worker threads (ops run on several
+  threads: sums exceed wall), or a GPU's kernels (the "XLA Ops" line, else every stream)."""
   import collections
   import glob
   import tempfile
@@ -200,28 +237,43 @@ def profile(step: JaxStep) -> None:
     wall = step()
     jax.profiler.stop_trace()
     data = ProfileData.from_file(glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0])
+  on_cpu = jax.default_backend() == "cpu"
+  lines = [(p.name, line) for p in data.planes for line in p.lines]
+  if on_cpu:  # XLA's worker threads; not Python's
+    lines = [line for _, line in lines if line.name.startswith("tf_XLA")]
+  else:
+    gpu = [(p, line) for p, line in lines if p.startswith("/device:GPU")]
+    ops = [line for _, line in gpu if line.name == "XLA Ops"]
+    lines = ops or [line for _, line in gpu if line.name.startswith("Stream")]
+    if not lines:
+      print("profile: no GPU op lines in the trace; lines seen: "
+            + ", ".join(sorted({f"{p}/{line.name}" for p, line in gpu})))
+      return
   by_op = collections.Counter()
-  for plane in data.planes:
-    for line in plane.lines:
-      if not line.name.startswith("tf_XLA"):  # XLA's worker threads; not Python's
-        continue
-      for e in line.events:
-        if not e.name.startswith(("Threadpool", "end:", "Slinky", "ThunkExecutor")):
-          by_op[e.name] += e.duration_ns / 1e9
-  kind = lambda op: ("matmul" if op.startswith(("ynn_fusion", "dot")) else
+  for line in lines:
+    for e in line.events:
+      if not e.name.startswith(("Threadpool", "end:", "Slinky", "ThunkExecutor")):
+        by_op[e.name] += e.duration_ns / 1e9
+  matmul = ("ynn_fusion", "dot", "gemm", "cublas", "matmul", "cutlass", "xmma")
+  kind = lambda op: ("attention (cuDNN)" if any(k in op.lower() for k in ("fmha", "cudnn", "flash"))
+                     else "matmul" if any(k in op.lower() for k in matmul) else
                      "layout copy / transpose" if "copy" in op or "transpose" in op else
                      "elementwise, reductions, rest")
   by_kind = collections.Counter()
   for op, t in by_op.items():
     by_kind[kind(op)] += t
   total = sum(by_kind.values())
-  print(f"profile of one rmjax BT step ({wall:.2f} s wall, {total:.2f} s summed over ops):")
+  print(f"profile of one rmjax BT step ({wall * 1e3:.1f} ms wall, {total * 1e3:.1f} ms summed "
+        "over ops):")
   for k, t in by_kind.most_common():
-    print(f"  {k:30s} {t:7.2f} s  {t / total:6.1%}")
-  print("  top ops: " + ", ".join(f"{op} {t:.2f} s" for op, t in by_op.most_common(6)))
+    print(f"  {k:30s} {t * 1e3:8.1f} ms  {t / total:6.1%}")
+  print("  top ops: " + ", ".join(f"{op[:60]} {t * 1e3:.1f} ms" for op, t in by_op.most_common(8)))
 
 
 def machine() -> str:
+  import jax
+  if jax.default_backend() != "cpu":
+    return f"{jax.devices()[0].device_kind} ({jax.default_backend()}, jax {jax.__version__})"
   out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
   name = next((line.split(":", 1)[1].strip() for line in out.splitlines()
                if line.startswith("Model name")), platform.processor())
@@ -230,6 +282,8 @@ def machine() -> str:
 
 def main(argv):
   del argv
+  if not _NO_TORCH.value:  # JAX and PyTorch share the accelerator: JAX allocates on demand
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   import jax
 
   from rmjax import sharding
@@ -240,15 +294,17 @@ def main(argv):
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   with sharding.use_mesh(mesh):
     t0 = time.perf_counter()
-    contestants = {f"rmjax {v}": JaxStep(v, batch) for v in _LOSSES.value}
+    contestants = {f"rmjax {v}": JaxStep(v, batch, mesh) for v in _LOSSES.value}
     print(f"built and compiled {len(contestants)} rmjax steps in {time.perf_counter() - t0:.1f} s "
           f"(the step compiles alone: " + ", ".join(f"{k} {c.compile_s:.1f} s" for k, c in
                                                       contestants.items()) + ")", flush=True)
     bt = contestants["rmjax bt"]
+    on_cpu = jax.default_backend() == "cpu"
     if not _NO_TORCH.value:
-      contestants["torch bt"] = TorchStep(batch)
+      contestants["torch bt"] = TorchStep(batch, "cpu" if on_cpu else "cuda")
+    peak_n = _PEAK_N.value or (2048 if on_cpu else 8192)
     if _PEAK_TFLOPS.value is None:
-      contestants["peak"] = PeakMatmul(_PEAK_N.value, _DTYPE.value)
+      contestants["peak"] = PeakMatmul(peak_n, _DTYPE.value)
     for run in contestants.values():  # warm-up: first-call allocations, fused AdamW state
       run()
     if _PROFILE.value:
@@ -267,7 +323,7 @@ def main(argv):
   xla = {name: xla_cost(c.compiled) for name, c in contestants.items() if name.startswith("rmjax")}
   if _PEAK_TFLOPS.value is None:  # per round, so that the step and its peak share the load
     peak_R = contestants["peak"].flops / t["peak"]
-    peak_desc = f"jitted {_PEAK_N.value}^2 {_DTYPE.value} matmul, best of 3 in each round"
+    peak_desc = f"jitted {peak_n}^2 {_DTYPE.value} matmul, best of 3 in each round"
   else:
     peak_R = np.full(_STEPS.value, _PEAK_TFLOPS.value * 1e12)
     peak_desc = "named with --peak_tflops"

@@ -2,10 +2,14 @@
 
   python scripts/plan_memory.py --config=configs/synthetic.py --mesh=2,2,2 [--dcn_mesh=2,1,1] \
       [--config.model.remat=full --config.train.accum_steps=4 ...]
+  python scripts/plan_memory.py --config=... --mesh=1,1,1 --compile   # + XLA's figures, here
 
 Prints bytes per device for parameters, optimiser state, gradients, the batch and activations
 (``rmjax.memory``). Parameters, optimiser state, gradients and batch are exact; activations are an
 estimate of what the backward pass keeps, for a compiler that honours remat (GPU/TPU XLA).
+``--compile`` also compiles the step on this machine's devices (the mesh must fit them; nothing
+is allocated) and sets the plan beside XLA's ``memory_analysis()``: arguments (state + batch) and
+temp (gradients + activations + XLA's scratch).
 """
 from absl import app, flags
 from ml_collections import config_flags
@@ -14,6 +18,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
                                           lock_config=True)
 _MESH = flags.DEFINE_list("mesh", None, "data,fsdp,tensor sizes (per slice with --dcn_mesh).")
 _DCN = flags.DEFINE_list("dcn_mesh", None, "Slices per axis over DCN, e.g. 2,1,1.")
+_COMPILE = flags.DEFINE_bool("compile", False, "Also compile the step here and print XLA's "
+                             "memory analysis beside the plan.")
 flags.mark_flags_as_required(["config", "mesh"])
 
 
@@ -29,6 +35,25 @@ def main(argv):
         f"dim {model.dim}, batch {config.train.batch_size} pairs x {config.data.max_len} tokens, "
         f"accum {config.train.accum_steps}, remat {model.remat}, compute {model.dtype}")
   print(plan.table())
+  if _COMPILE.value:
+    import math
+
+    import jax
+
+    from rmjax import sharding
+    n = math.prod(shape) * math.prod(dcn or (1,))
+    if n > jax.device_count():
+      raise app.UsageError(f"--compile: the mesh needs {n} devices, this machine has "
+                           f"{jax.device_count()}")
+    mesh = sharding.make_mesh(shape, jax.devices()[:n], dcn_shape=dcn)
+    stats = memory.compiled(config, mesh)
+    mib = memory.MiB
+    rows = [("arguments", plan.params + plan.optimizer + plan.batch,
+             stats.argument_size_in_bytes),
+            ("temp", plan.gradients + plan.activations, stats.temp_size_in_bytes)]
+    print(f"\nplan vs XLA ({jax.devices()[0].device_kind}), MiB per device:")
+    for name, planned, xla in rows:
+      print(f"{name:<12}{planned / mib:>12.2f} {xla / mib:>12.2f}  plan/XLA {planned / xla:.2f}")
 
 
 if __name__ == "__main__":

@@ -6,14 +6,15 @@
   step (arguments, outputs) on 1 device and on the (2, 2, 2) mesh. Its activation estimate is
   not compared with XLA:CPU's temp bytes: XLA:CPU ignores rematerialisation (a plain
   ``jax.checkpoint`` MLP reports the same temp bytes as without it) and keeps extra L x L
-  buffers, so its temp size is not what a GPU/TPU compile allocates; see ``scripts/plan_memory.py``.
+  buffers, so its temp size is not what a GPU/TPU compile allocates. ``scripts/check_gpu.py``
+  compares it with XLA:GPU's on a GPU (README, Memory levers and planning).
 """
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from rmjax import memory, objective, sharding, train
+from rmjax import memory, sharding, train
 from tests.helpers import loss_metrics_grads, tiny_config
 
 
@@ -48,23 +49,6 @@ def test_bf16_compute_keeps_fp32_master_weights_grads_and_optimizer(mesh1):
   assert len(arrays) > 30 and {x.dtype for x in arrays} == {np.dtype("float32")}
 
 
-def compiled_stats(config, mesh):
-  """XLA's memory analysis of ``rmjax.train``'s step, compiled as the trainer compiles it."""
-  with sharding.use_mesh(mesh):
-    graphdef, abstract = train.abstract_state(config, mesh)
-    b, l = config.train.batch_size, config.data.max_len
-    spec = lambda shape, dtype: jax.ShapeDtypeStruct(
-        shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
-    batch = {k: spec((b, 2, l), np.int32) for k in ("tokens", "mask", "response")}
-    batch["margin"] = spec((b,), np.float32)
-    state_sharding = jax.tree.map(lambda x: x.sharding, abstract)
-    step = jax.jit(train.make_train_step(graphdef, objective.build_terms(config.loss),
-                                         accum_steps=1, seed=0),
-                   in_shardings=(state_sharding, None), out_shardings=(state_sharding, None),
-                   donate_argnums=0)
-    return step.lower(abstract, batch).compile().memory_analysis()
-
-
 @pytest.mark.parametrize("mesh_shape", [pytest.param((1, 1, 1), marks=pytest.mark.slow), (2, 2, 2)])
 def test_plan_predicts_state_and_batch_bytes_of_the_compiled_step(mesh_shape):
   config = tiny_config("paper")
@@ -72,7 +56,7 @@ def test_plan_predicts_state_and_batch_bytes_of_the_compiled_step(mesh_shape):
   config.train.batch_size = 16
   mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
   plan = memory.plan(config, mesh_shape)
-  stats = compiled_stats(config, mesh)
+  stats = memory.compiled(config, mesh)
   state = plan.params + plan.optimizer
   np.testing.assert_allclose(plan.batch + state, stats.argument_size_in_bytes, rtol=0.01)
   np.testing.assert_allclose(state, stats.output_size_in_bytes, rtol=0.01)  # + scalar metrics
@@ -88,7 +72,8 @@ def test_plan_shrinks_with_remat_sharding_and_accumulation():
   config.model.remat = "dots_saveable"
   dots = memory.plan(config, (1, 1, 1)).activations
   config.model.remat = "full"
-  assert memory.plan(config, (1, 1, 1)).activations < dots < base.activations
+  # XLA on GPU/TPU recomputes elementwise results in fusions: dots_saveable keeps what none does
+  assert memory.plan(config, (1, 1, 1)).activations < dots == base.activations
   config.model.remat, config.train.accum_steps = "none", 2
   assert memory.plan(config, (1, 1, 1)).activations < base.activations
   one = memory.plan(tiny_config("paper"), (1, 1, 1))

@@ -74,6 +74,20 @@ def test_head_init_scale_and_bf16_compute():
   np.testing.assert_allclose(r16, r32, atol=2e-2)
 
 
+def test_cudnn_attention_is_refused_where_it_cannot_run():
+  """cuDNN flash attention (scripts/check_gpu.py checks it against XLA's on a GPU) needs bf16
+  compute and a GPU: a config error and a clear message here, not a failure deep in JAX."""
+  with pytest.raises(ValueError, match="model.attention='cudnn' needs model.dtype"):
+    LlamaConfig(**{**CFG.__dict__, "attention": "cudnn"})
+  with pytest.raises(ValueError, match="model.attention='flash'"):
+    LlamaConfig(**{**CFG.__dict__, "attention": "flash"})
+  b = pair_batch(2)
+  m = model(LlamaConfig(**{**CFG.__dict__, "attention": "cudnn", "dtype": "bfloat16"}))
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match="NVIDIA GPUs only"):
+      m(b["tokens"][:, 0], b["mask"][:, 0])
+
+
 def test_gqa_matches_explicit_head_repetition():
   """K/V heads shared by groups of query heads == MHA with repeated K/V projections."""
   gqa = model()

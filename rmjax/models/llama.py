@@ -48,6 +48,9 @@ class LlamaConfig:
   # run the blocks as one jax.lax.scan (one block in the compiled program instead of
   # num_layers); the weights stay per block and are stacked on the fly (one transient copy)
   scan_layers: bool = False
+  # attention kernel: 'xla' (any backend and dtype) or 'cudnn' (cuDNN flash attention on NVIDIA
+  # GPUs; bf16/fp16 compute; the causal mask lets it skip the upper triangle)
+  attention: str = "xla"
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -61,6 +64,11 @@ class LlamaConfig:
     for f in ("param_dtype", "dtype"):
       if getattr(self, f) not in DTYPES:
         raise ValueError(f"model.{f}={getattr(self, f)!r}: expected one of {sorted(DTYPES)}")
+    if self.attention not in ("xla", "cudnn"):
+      raise ValueError(f"model.attention={self.attention!r}: expected 'xla' or 'cudnn'")
+    if self.attention == "cudnn" and self.dtype == "float32":
+      raise ValueError("model.attention='cudnn' needs model.dtype='bfloat16' or 'float16' "
+                       "(cuDNN flash attention has no float32 kernel)")
 
   @property
   def hd(self) -> int:
@@ -140,8 +148,18 @@ class Attention(nnx.Module):
     q_BxPxNxH = rope(self.q(xq).reshape(b, p, cfg.num_heads, cfg.hd), pos_q, inv_freq)
     k_BxLxKxH = rope(self.k(x_BxLxD).reshape(b, l, cfg.num_kv_heads, cfg.hd), pos_BxL, inv_freq)
     v_BxLxKxH = self.v(x_BxLxD).reshape(b, l, cfg.num_kv_heads, cfg.hd)
-    out_BxPxNxH = jax.nn.dot_product_attention(q_BxPxNxH, k_BxLxKxH, v_BxLxKxH,
-                                               mask=mask_q[:, None])
+    if cfg.attention == "cudnn" and rows_BxP is None:
+      if jax.default_backend() != "gpu":
+        raise ValueError(f"model.attention='cudnn' runs on NVIDIA GPUs only; JAX's backend here "
+                         f"is {jax.default_backend()!r}: use model.attention='xla'")
+      # The mask (padding, window) becomes an additive bias; is_causal lets cuDNN skip the
+      # blocks above the diagonal, which the mask excludes anyway.
+      out_BxPxNxH = jax.nn.dot_product_attention(q_BxPxNxH, k_BxLxKxH, v_BxLxKxH,
+                                                 mask=mask_q[:, None], is_causal=True,
+                                                 implementation="cudnn")
+    else:  # also the sparse last block's few query rows, which are not a causal prefix
+      out_BxPxNxH = jax.nn.dot_product_attention(q_BxPxNxH, k_BxLxKxH, v_BxLxKxH,
+                                                 mask=mask_q[:, None])
     return self.o(out_BxPxNxH.reshape(b, p, cfg.num_heads * cfg.hd))
 
 

@@ -1,0 +1,125 @@
+"""Checks that need an NVIDIA GPU, which CI's CPUs cannot run (prints a table; exit 1 on a failure).
+
+  python scripts/check_gpu.py [--parts=attention,memory]
+
+* attention: ``model.attention='cudnn'`` (cuDNN flash attention) against the XLA attention, in
+  bf16, on right- and left-padded synthetic pairs: the training loss (BT + paper contrastive,
+  sparse last block) and the gradients of every parameter. Yardstick: how far bf16 XLA is from
+  fp32 XLA on the same batch; cuDNN passes if its gradient error is within 2x of that.
+* memory: ``rmjax.memory.plan`` beside XLA:GPU's ``memory_analysis()`` of the compiled train
+  step (``scripts/plan_memory.py --compile``), remat none / dots_saveable / full: arguments
+  (state + batch, exact) and temp (gradients + activations, the estimate; XLA's temp also holds
+  its scratch). Target: temp within 15%.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_PARTS = flags.DEFINE_list("parts", ["attention", "memory"], "Which checks to run.")
+
+
+def rel(a, b) -> float:
+  """||a - b|| / ||b|| over every leaf of two pytrees, in float64."""
+  import jax
+  la = [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(a)]
+  lb = [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(b)]
+  num = sum(float(np.sum((x - y) ** 2)) for x, y in zip(la, lb))
+  return float(np.sqrt(num / sum(float(np.sum(y ** 2)) for y in lb)))
+
+
+def check_attention(mesh) -> bool:
+  import jax
+
+  from rmjax import objective, sharding, train
+  from tests.helpers import pair_batch, tiny_config
+  ok = True
+  print("cuDNN flash attention vs XLA attention (bf16 compute; loss = BT + paper, sparse last "
+        "block; 2 layers, d 256, 4/2 heads x 64, 8 pairs x 128 tokens):")
+  print(f"  {'padding':8s} {'loss fp32':>10s} {'|dloss| bf16':>13s} {'|dloss| cudnn':>14s} "
+        f"{'grad err bf16':>14s} {'grad err cudnn':>15s}  verdict")
+  for side in ("right", "left"):
+    batch = sharding.host_to_global(pair_batch(8, max_len=128, padding_side=side), mesh)
+    out = {}
+    for name, dtype, attention in (("fp32", "float32", "xla"), ("bf16", "bfloat16", "xla"),
+                                   ("cudnn", "bfloat16", "cudnn")):
+      config = tiny_config("paper")
+      config.model.update(dim=256, num_heads=4, num_kv_heads=2, mlp_dim=512, num_layers=2,
+                          dtype=dtype, attention=attention)
+      config.data.max_len = 128
+      graphdef, state = train.create_state(config)  # same seed: same weights in every variant
+      terms = objective.build_terms(config.loss)
+
+      @jax.jit
+      def f(state, batch):
+        from flax import nnx
+        model, _ = train.unpack(nnx.merge(graphdef, state))
+        model_def, params, rest = nnx.split(model, nnx.Param, ...)
+        loss_fn = lambda p: objective.objective(nnx.merge(model_def, p, rest), batch,
+                                                jax.random.key(3), terms)[0]
+        return jax.value_and_grad(loss_fn)(params)
+
+      out[name] = jax.device_get(f(state, batch))
+    (l32, g32), (l16, g16), (lc, gc) = out["fp32"], out["bf16"], out["cudnn"]
+    e16, ec = rel(g16, g32), rel(gc, g32)
+    good = np.isfinite(lc) and ec <= 2 * e16
+    ok &= bool(good)
+    print(f"  {side:8s} {l32:10.5f} {abs(l16 - l32):13.2e} {abs(lc - l32):14.2e} {e16:14.2e} "
+          f"{ec:15.2e}  {'PASS' if good else 'FAIL'}")
+  return ok
+
+
+def check_memory(mesh) -> bool:
+  from configs import synthetic
+  from rmjax import memory
+  ok = True
+  print("\nplan vs XLA memory_analysis, MiB per device (SmolLM2-135M shape, 4 layers, 8 pairs x "
+        "512 tokens, bf16 compute, paper loss):")
+  print(f"  {'attention':9s} {'remat':14s} {'args plan':>10s} {'args XLA':>10s} "
+        f"{'temp plan':>10s} {'temp XLA':>10s} {'plan/XLA':>9s}  verdict")
+  for attention, remat in (("xla", "none"), ("xla", "dots_saveable"), ("xla", "full"),
+                           ("cudnn", "none"), ("cudnn", "full")):
+    config = synthetic.get_config("paper")
+    config.model.update(vocab_size=49152, dim=576, num_layers=4, num_heads=9, num_kv_heads=3,
+                        head_dim=64, mlp_dim=1536, dtype="bfloat16", remat=remat,
+                        attention=attention)
+    config.train.batch_size, config.data.max_len = 8, 512
+    plan = memory.plan(config, (1, 1, 1))
+    stats = memory.compiled(config, mesh)
+    mib = memory.MiB
+    args = plan.params + plan.optimizer + plan.batch
+    temp = plan.gradients + plan.activations
+    ratio = temp / stats.temp_size_in_bytes
+    good = abs(ratio - 1) <= 0.15
+    ok &= args == stats.argument_size_in_bytes or abs(args / stats.argument_size_in_bytes - 1) < .01
+    print(f"  {attention:9s} {remat:14s} {args / mib:10.1f} {stats.argument_size_in_bytes / mib:10.1f}"
+          f" {temp / mib:10.1f} {stats.temp_size_in_bytes / mib:10.1f} {ratio:9.2f}  "
+          f"{'within 15%' if good else 'OFF'}")
+  return ok
+
+
+def main(argv):
+  del argv
+  import jax
+
+  from rmjax import sharding
+  print(f"devices: {jax.devices()}; jax {jax.__version__}")
+  if jax.default_backend() != "gpu":
+    raise app.UsageError(f"needs an NVIDIA GPU; JAX's backend here is {jax.default_backend()}")
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  ok = True
+  with sharding.use_mesh(mesh):
+    if "attention" in _PARTS.value:
+      ok &= check_attention(mesh)
+    if "memory" in _PARTS.value:
+      ok &= check_memory(mesh)
+  sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+  app.run(main)
