@@ -32,6 +32,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from rmjax import sharding
+from rmjax.checkpoint import write_json
 from rmjax.data import sources
 from rmjax.data.pipeline import eval_batches
 
@@ -125,9 +126,7 @@ def cache(config, model, layer: int, out: str, splits=("train", "validation"), *
     same = ("layer", "max_len", "dtype", "shard_size", "model")  # split sizes may change
     if {k: old[k] for k in same} != {k: meta[k] for k in same}:
       raise ValueError(f"{out}: holds a cache made with other settings; use another --out")
-  with open(meta_path + ".tmp", "w") as f:
-    json.dump(meta, f, indent=1, default=str)
-  os.replace(meta_path + ".tmp", meta_path)
+  write_json(meta_path, meta, default=str)
 
   flat = {"/".join(map(str, p)): v[...]
           for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}

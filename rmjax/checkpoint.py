@@ -21,6 +21,14 @@ from jax.experimental import multihost_utils
 log = logging.getLogger(__name__)
 
 
+def write_json(path: str, obj, **dump_kwargs) -> None:
+  """Writes ``obj`` as JSON to ``path`` atomically (a temporary file, then a rename), so that a
+  crash mid-write leaves the previous file, never a truncated one."""
+  with open(path + ".tmp", "w") as f:
+    json.dump(obj, f, **{"indent": 1, **dump_kwargs})
+  os.replace(path + ".tmp", path)
+
+
 class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):

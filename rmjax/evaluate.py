@@ -25,7 +25,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from rmjax import sharding
-from rmjax.checkpoint import resolve_run, restore_state
+from rmjax.checkpoint import resolve_run, restore_state, write_json
 from rmjax.data import sources
 from rmjax.data.pipeline import encode_pair, encode_sequence
 from rmjax.eval import goal as goal_lib, localize, plots
@@ -192,8 +192,7 @@ def evaluate(config, checkpoint: str, out_dir: str | None = None, *, goal_exampl
       "random (step)": loc.get("random_hit_rate_step", "-")}])
   with open(os.path.join(out_dir, "eval.md"), "w") as f:
     f.write(table)
-  with open(os.path.join(out_dir, "eval.json"), "w") as f:
-    json.dump(result, f, indent=2)
+  write_json(os.path.join(out_dir, "eval.json"), result, indent=2)
   return result
 
 

@@ -18,7 +18,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from rmjax import convert, objective, sharding
-from rmjax.checkpoint import Checkpointer
+from rmjax.checkpoint import Checkpointer, write_json
 from rmjax.data import sources
 from rmjax.data.pipeline import eval_batches, train_dataset
 from rmjax.eval.metrics import preference_metrics
@@ -276,6 +276,5 @@ def train(config, workdir: str) -> dict[str, float]:
     ckpt.close()
     writer.close()
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-      json.dump({"step": steps, **final}, f, indent=2)
+    write_json(os.path.join(workdir, "eval.json"), {"step": steps, **final}, indent=2)
   return final

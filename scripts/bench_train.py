@@ -254,7 +254,7 @@ def profile(step: JaxStep) -> None:
     for e in line.events:
       if not e.name.startswith(("Threadpool", "end:", "Slinky", "ThunkExecutor")):
         by_op[e.name] += e.duration_ns / 1e9
-  matmul = ("ynn_fusion", "dot", "gemm", "cublas", "matmul", "cutlass", "xmma")
+  matmul = ("ynn_fusion", "dot", "gemm", "cublas", "matmul", "cutlass", "xmma", "nvjet")
   kind = lambda op: ("attention (cuDNN)" if any(k in op.lower() for k in ("fmha", "cudnn", "flash"))
                      else "matmul" if any(k in op.lower() for k in matmul) else
                      "layout copy / transpose" if "copy" in op or "transpose" in op else

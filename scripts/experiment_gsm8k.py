@@ -178,16 +178,12 @@ def main(argv=None) -> None:
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
   from rmjax import loss_lab
+  from rmjax.checkpoint import write_json
   from rmjax.eval.metrics import markdown_table
 
   os.makedirs(args.out, exist_ok=True)
   results_path = os.path.join(args.out, "results.json")
   results = json.load(open(results_path)) if os.path.exists(results_path) else {}
-
-  def save(results):
-    with open(results_path + ".tmp", "w") as f:
-      json.dump(results, f, indent=1)
-    os.replace(results_path + ".tmp", results_path)
 
   fixed = {"train.steps": args.steps, "train.batch_size": args.batch_size, "optim.lr": args.lr,
            "optim.warmup_steps": max(1, args.steps // 10)}
@@ -202,7 +198,7 @@ def main(argv=None) -> None:
                             save_to=os.path.join(args.out, f"{name}.npz"))
       results[name] = dict(result, variant=variant, seed=seed, seconds=time.perf_counter() - t0)
       print(json.dumps({k: v for k, v in results[name].items() if k != "history"}), flush=True)
-      save(results)
+      write_json(results_path, results)
 
   thresholds = [float(t) for t in np.round(np.arange(-0.2, 0.61, 0.05), 2)]
   for name, result in results.items():
@@ -227,7 +223,7 @@ def main(argv=None) -> None:
       if top:
         result["test"]["voting"] = voting_analysis(top, args.test, thresholds, split="test")
       print(json.dumps({name: {k: v for k, v in result["test"].items() if k != "voting"}}))
-    save(results)
+    write_json(results_path, results)
 
   if args.perturbed and "pretrained" not in results:
     # control: Q_t of the pretrained top block itself (no reward-model training); the goal is
@@ -236,7 +232,7 @@ def main(argv=None) -> None:
     results["pretrained"] = {"variant": "pretrained", "seed": None,
                              "localization": localization_analysis(top, args.perturbed)}
     print(json.dumps(results["pretrained"]))
-    save(results)
+    write_json(results_path, results)
 
   rows = []
   for variant in VARIANTS:
@@ -250,12 +246,13 @@ def main(argv=None) -> None:
                  "AUROC": f"{np.mean(auc):.3f} ± {np.std(auc):.3f}",
                  f"AUROC 95% CI (seed {first['seed']})":
                      f"[{first['auroc_low']:.3f}, {first['auroc_high']:.3f}]",
-                 "solutions": first["solutions"],
-                 "voting acc (seed 0)": f"{first['voting']['unfiltered_accuracy']:.3f}",
-                 "tokens saved at equal acc": f"{first['voting']['tokens_saved_at_equal_accuracy']:.3f}",
-                 "acc / saved at Q<0 (m=5)":
-                     f"{first['voting']['paper_threshold_0']['accuracy']:.3f} / "
-                     f"{first['voting']['paper_threshold_0']['tokens_saved']:.3f}"})
+                 "solutions": first["solutions"]})
+    if vote := first.get("voting"):  # seed 0 only
+      rows[-1].update({
+          "voting acc (seed 0)": f"{vote['unfiltered_accuracy']:.3f}",
+          "tokens saved at equal acc": f"{vote['tokens_saved_at_equal_accuracy']:.3f}",
+          "acc / saved at Q<0 (m=5)": f"{vote['paper_threshold_0']['accuracy']:.3f} / "
+                                      f"{vote['paper_threshold_0']['tokens_saved']:.3f}"})
     if tests := [r["test"] for r in runs if "test" in r]:
       acc, auc = [t["pairwise_accuracy"] for t in tests], [t["auroc"] for t in tests]
       rows[-1]["test: pairwise acc"] = f"{np.mean(acc):.3f} ± {np.std(acc):.3f}"

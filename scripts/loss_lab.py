@@ -78,6 +78,7 @@ def main(argv=None) -> None:
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
   from rmjax import loss_lab
+  from rmjax.checkpoint import write_json
   from rmjax.eval.metrics import markdown_table
 
   fixed = parse_assignments(args.set, multi=False)
@@ -109,9 +110,7 @@ def main(argv=None) -> None:
       results[name].append(result)
       if results_path:
         os.makedirs(args.out, exist_ok=True)
-        with open(results_path + ".tmp", "w") as f:
-          json.dump({"args": vars(args), "results": {**done, **results}}, f, indent=1)
-        os.replace(results_path + ".tmp", results_path)
+        write_json(results_path, {"args": vars(args), "results": {**done, **results}})
       rows.append({"setting": name, "seed": seed, "accuracy": result["pairwise_accuracy"],
                    "AUROC": result["auroc"],
                    "95% CI": f"[{result['auroc_low']:.3f}, {result['auroc_high']:.3f}]",

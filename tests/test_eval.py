@@ -59,6 +59,8 @@ def test_markdown_table():
                           {"dataset": "math", "auroc": 0.5}])
   assert table.splitlines() == ["| dataset | auroc | n |", "|---|---|---|",
                                 "| gsm8k | 0.712 | 3 |", "| math | 0.500 |  |"]
+  later = markdown_table([{"a": 1}, {"a": 2, "b": "x"}])  # a column only a later row has
+  assert later.splitlines() == ["| a | b |", "|---|---|", "| 1 |  |", "| 2 | x |"]
 
 
 # --- goal state and Q_t ---

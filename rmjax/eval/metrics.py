@@ -67,10 +67,11 @@ def auroc_ci(scores, labels, groups, *, n_boot: int = 1000, seed: int = 0,
 
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None, digits: int = 3) -> str:
-  """Rows of dicts (e.g. one per dataset) as a markdown table; floats rounded to ``digits``."""
+  """Rows of dicts (e.g. one per dataset) as a markdown table; floats rounded to ``digits``.
+  Columns: every key of any row, in order of first appearance; a row without one leaves it blank."""
   if not rows:
     raise ValueError("markdown_table: no rows")
-  columns = columns or list(rows[0])
+  columns = columns or list(dict.fromkeys(k for r in rows for k in r))
   cell = lambda v: f"{v:.{digits}f}" if isinstance(v, float) else str(v)
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
