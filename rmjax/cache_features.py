@@ -124,7 +124,11 @@ def cache(config, model, layer: int, out: str, splits=("train", "validation"), *
     with open(meta_path) as f:
       old = json.load(f)
     same = ("layer", "max_len", "dtype", "shard_size", "model")  # split sizes may change
-    if {k: old[k] for k in same} != {k: meta[k] for k in same}:
+    # how the backbone runs (remat, scan, attention kernel) does not change its states
+    run_only = ("remat", "scan_layers", "attention")
+    key = lambda m: {k: ({f: v for f, v in m[k].items() if f not in run_only} if k == "model"
+                         else m[k]) for k in same}
+    if key(old) != key(meta):
       raise ValueError(f"{out}: holds a cache made with other settings; use another --out")
   write_json(meta_path, meta, default=str)
 

@@ -36,15 +36,14 @@ def rel(a, b) -> float:
 def check_attention(mesh) -> bool:
   import jax
 
-  from rmjax import objective, sharding, train
-  from tests.helpers import pair_batch, tiny_config
+  from rmjax import train
+  from tests.helpers import loss_metrics_grads, tiny_config
   ok = True
   print("cuDNN flash attention vs XLA attention (bf16 compute; loss = BT + paper, sparse last "
         "block; 2 layers, d 256, 4/2 heads x 64, 8 pairs x 128 tokens):")
   print(f"  {'padding':8s} {'loss fp32':>10s} {'|dloss| bf16':>13s} {'|dloss| cudnn':>14s} "
         f"{'grad err bf16':>14s} {'grad err cudnn':>15s}  verdict")
   for side in ("right", "left"):
-    batch = sharding.host_to_global(pair_batch(8, max_len=128, padding_side=side), mesh)
     out = {}
     for name, dtype, attention in (("fp32", "float32", "xla"), ("bf16", "bfloat16", "xla"),
                                    ("cudnn", "bfloat16", "cudnn")):
@@ -52,19 +51,9 @@ def check_attention(mesh) -> bool:
       config.model.update(dim=256, num_heads=4, num_kv_heads=2, mlp_dim=512, num_layers=2,
                           dtype=dtype, attention=attention)
       config.data.max_len = 128
-      graphdef, state = train.create_state(config)  # same seed: same weights in every variant
-      terms = objective.build_terms(config.loss)
-
-      @jax.jit
-      def f(state, batch):
-        from flax import nnx
-        model, _ = train.unpack(nnx.merge(graphdef, state))
-        model_def, params, rest = nnx.split(model, nnx.Param, ...)
-        loss_fn = lambda p: objective.objective(nnx.merge(model_def, p, rest), batch,
-                                                jax.random.key(3), terms)[0]
-        return jax.value_and_grad(loss_fn)(params)
-
-      out[name] = jax.device_get(f(state, batch))
+      # same seed: same weights in every variant
+      (loss, _), grads = loss_metrics_grads(*train.create_state(config), config, mesh, side)
+      out[name] = jax.device_get((loss, grads))
     (l32, g32), (l16, g16), (lc, gc) = out["fp32"], out["bf16"], out["cudnn"]
     e16, ec = rel(g16, g32), rel(gc, g32)
     good = np.isfinite(lc) and ec <= 2 * e16

@@ -23,10 +23,11 @@ def pair_batch(n=8, max_len=64, padding_side="right", split="validation"):
   return {k: np.stack([p[k] for p in pairs]) for k in FIELDS}
 
 
-def loss_metrics_grads(graphdef, state, config, mesh):
+def loss_metrics_grads(graphdef, state, config, mesh, padding_side="right"):
   """``((loss, metrics), grads)`` of the config's objective on 8 fixed pairs, every parameter."""
   terms = objective.build_terms(config.loss)
-  batch = sharding.host_to_global(pair_batch(8, max_len=config.data.max_len), mesh)
+  batch = sharding.host_to_global(
+      pair_batch(8, max_len=config.data.max_len, padding_side=padding_side), mesh)
 
   @jax.jit
   def f(state, batch):
