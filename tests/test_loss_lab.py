@@ -1,4 +1,5 @@
 """Cached features + loss lab: the same loss as the full model, the lab loop, resumable caching."""
+import dataclasses
 import os
 import pickle
 
@@ -77,6 +78,12 @@ def test_cache_resumes_and_refuses_other_settings(cached):
     np.testing.assert_array_equal(np.load(os.path.join(shard, "features.npy")), before)
     with pytest.raises(ValueError, match="other settings"):
       cache_features.cache(config, model, 2, out, limit=16, batch_size=8)
+    cfg = model.backbone.cfg  # how the backbone runs is not a setting of its states
+    model.backbone.cfg = dataclasses.replace(cfg, remat="full", scan_layers=True)
+    try:
+      cache_features.cache(config, model, 1, out, limit=16, batch_size=8)
+    finally:
+      model.backbone.cfg = cfg
 
 
 def test_feature_source_pickles_for_worker_processes(cached):
