@@ -9,6 +9,11 @@
   buffers, so its temp size is not what a GPU/TPU compile allocates. ``scripts/check_gpu.py``
   compares it with XLA:GPU's on a GPU (README, Memory levers and planning).
 """
+import os
+import re
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -63,6 +68,24 @@ def test_plan_predicts_state_and_batch_bytes_of_the_compiled_step(mesh_shape):
   assert stats.alias_size_in_bytes >= 0.99 * state  # donated: the new state reuses the old
   assert plan.gradients == plan.params  # every parameter trains, in fp32
   assert plan.activations > 0
+
+
+def test_plan_memory_cli_compiles_and_matches_xla_on_arguments():
+  """``scripts/plan_memory.py --compile`` on a (2, 2, 2) mesh of fake devices: the plan's state +
+  batch bytes equal XLA's argument bytes; an oversized mesh is refused by name."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, os.path.join(root, "scripts", "plan_memory.py"),
+         "--config=" + os.path.join(root, "configs", "synthetic.py") + ":paper,tiny",
+         "--mesh=2,2,2", "--compile"]
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  row = re.search(r"^arguments\s+([\d.]+)\s+([\d.]+)", out.stdout, re.M)
+  planned, xla = float(row[1]), float(row[2])
+  assert planned == xla > 0
+  assert re.search(r"^temp\s+[\d.]+\s+[\d.]+\s+plan/XLA", out.stdout, re.M)
+  big = subprocess.run(cmd[:-2] + ["--mesh=4,4,1", "--compile"], capture_output=True, text=True,
+                       cwd=root, timeout=300)
+  assert big.returncode != 0 and "needs 16 devices" in big.stderr
 
 
 def test_plan_shrinks_with_remat_sharding_and_accumulation():
