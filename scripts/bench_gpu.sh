@@ -2,7 +2,10 @@
 # The GPU figures in README (Performance; Memory planning): correctness checks, then benchmarks,
 # all logged to one file. On a machine with an NVIDIA GPU and rmjax installed:
 #
-#   bash scripts/bench_gpu.sh [LOG]        # ~8 min on an H200, compilation included
+#   bash scripts/bench_gpu.sh [LOG]
+#
+# On an H200 (2026-11-26), run one by one: steps 2 and 4 as README's rows (fewer losses) took
+# 168 s together, step 5 53 s, step 1 passed; steps 3 and 6 have not run there yet.
 #
 # Steps, most important first; each is cut off after STEP_TIMEOUT seconds (default 240):
 #   1. cuDNN flash attention == XLA attention (loss, gradients; scripts/check_gpu.py)
