@@ -98,7 +98,9 @@ def create_state(config, mesh=None, *, pretrained: bool = True):
   if pretrained and config.model.get("init_from"):
     return nnx.split(nnx.jit(make)(convert.load_reward_model(config.model.init_from, cfg, mesh,
                                                              seed=config.seed)))
-  return nnx.split(nnx.jit(lambda: make(RewardModel(cfg, rngs=nnx.Rngs(config.seed))))())
+  # built eagerly: the blocks share one compiled init (models.llama.jitted_init); same numbers
+  # as one jitted init of the whole model, which compiled for minutes on a GPU
+  return nnx.split(nnx.jit(make)(RewardModel(cfg, rngs=nnx.Rngs(config.seed))))
 
 
 def unpack(merged: dict):

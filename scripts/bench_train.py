@@ -105,8 +105,9 @@ def flops_per_token(n_nonembed: int) -> float:
 
 def host_random_state(config, mesh):
   """The train state with weights drawn on the host (N(0, 0.02²); norm scales 1; optimiser
-  state 0) and placed with the state's shardings. Timing does not need rmjax's initialisers,
-  and their jitted init compiles slowly on GPU (over 150 s for 30 layers on an H200)."""
+  state 0) and placed with the state's shardings. Timing does not need rmjax's initialisers;
+  on an H200, one jitted init of the whole 30-layer model compiled for over 150 s (create_state
+  now compiles one block's init, but that is not yet measured on a GPU)."""
   import jax
 
   from rmjax import train

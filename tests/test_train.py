@@ -47,6 +47,27 @@ def final_params(workdir, config):
   return step, jax.device_get(state["model"])
 
 
+def test_create_state_equals_one_jitted_init_of_the_whole_model():
+  """create_state builds the model eagerly, its blocks through one shared jitted init (fast to
+  compile on GPUs); parameters and shardings are those of a single jitted init, on a 2x2x2 mesh."""
+  from rmjax.models import RewardModel
+  config = tiny_config("paper")
+  config.model.num_layers = 3
+  mesh = sharding.make_mesh((2, 2, 2), jax.devices()[:8])
+  with sharding.use_mesh(mesh):
+    graphdef, state = train.create_state(config)
+    ref = nnx.jit(lambda: RewardModel(train.model_config(config), rngs=nnx.Rngs(config.seed)))()
+  got = dict(nnx.to_flat_state(nnx.state(nnx.merge(graphdef, state)["model"], nnx.Param)))
+  want = dict(nnx.to_flat_state(nnx.state(ref, nnx.Param)))
+  assert got.keys() == want.keys() and len(got) == 2 + 3 * 9 + 1
+  for k in want:
+    a, b = got[k][...], want[k][...]
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(k))
+    assert a.sharding.is_equivalent_to(b.sharding, a.ndim), k
+  layers = [np.asarray(got[("backbone", "layers", i, "attn", "q", "kernel")][...]) for i in range(3)]
+  assert not np.array_equal(layers[0], layers[1])  # each block draws its own numbers
+
+
 def test_train_step_compiles_once_and_learns(mesh1, caplog):
   config = tiny_config("paper", steps=30, eval_every=1000, ckpt_every=1000)
   graphdef, state = train.create_state(config)

@@ -8,6 +8,7 @@ so imported checkpoints reproduce its hidden states.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -198,6 +199,15 @@ class Block(nnx.Module):
     return x_BxPxD + self.mlp(self.mlp_norm(x_BxPxD).astype(self.dtype))
 
 
+@functools.lru_cache(maxsize=None)
+def jitted_init(factory, cfg: LlamaConfig):
+  """``factory(cfg, rngs=rngs)`` as one jitted function per (factory, config). Inside a traced
+  init it is inlined and changes nothing; called eagerly (``rmjax.train.create_state``), a
+  model's identical blocks share one compiled init instead of compiling every parameter's
+  random-number kernels, which took minutes on a GPU for 30 layers. Same numbers either way."""
+  return nnx.jit(lambda rngs: factory(cfg, rngs=rngs))
+
+
 def positions_and_mask(mask_BxL: jax.Array, sliding_window: int = 0
                        ) -> tuple[jax.Array, jax.Array]:
   """RoPE positions counted over real tokens only, and the causal + padding attention mask.
@@ -226,7 +236,7 @@ class Llama(nnx.Module):
                            embedding_init=nnx.with_partitioning(nnx.initializers.normal(1.0),
                                                                 ("vocab", "embed")),
                            rngs=rngs)
-    self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.layers = nnx.List([jitted_init(Block, cfg)(rngs) for _ in range(cfg.num_layers)])
     self.final_norm = _rmsnorm(cfg, rngs)
 
   def __call__(self, tokens_BxL: jax.Array, mask_BxL: jax.Array, rows_BxP=None) -> jax.Array:

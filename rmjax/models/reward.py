@@ -8,7 +8,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rmjax.models.llama import Llama, LlamaConfig, gather_rows
+from rmjax.models.llama import Llama, LlamaConfig, gather_rows, jitted_init
+
+
+def _head(cfg: LlamaConfig, *, rngs: nnx.Rngs) -> nnx.Linear:
+  init = nnx.initializers.normal(1.0 / (cfg.dim + 1))
+  return nnx.Linear(cfg.dim, 1, use_bias=False, dtype=jnp.float32,
+                    kernel_init=nnx.with_partitioning(init, ("embed", None)), rngs=rngs)
 
 
 def last_token_index(mask_BxL: jax.Array) -> jax.Array:
@@ -26,9 +32,7 @@ class RewardModel(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     self.backbone = Llama(cfg, rngs=rngs)
-    init = nnx.initializers.normal(1.0 / (cfg.dim + 1))
-    self.head = nnx.Linear(cfg.dim, 1, use_bias=False, dtype=jnp.float32,
-                           kernel_init=nnx.with_partitioning(init, ("embed", None)), rngs=rngs)
+    self.head = jitted_init(_head, cfg)(rngs)  # jitted: the same rounding as a jitted init
 
   def __call__(self, tokens_BxL: jax.Array, mask_BxL: jax.Array, rows_BxP=None
                ) -> tuple[jax.Array, jax.Array]:
