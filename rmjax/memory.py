@@ -7,8 +7,9 @@
   (``nnx.eval_shape`` on an ``AbstractMesh`` of the requested shape), and each dimension is
   divided by the mesh axes its logical axis maps to (``config.mesh.rules``): exact.
 * batch: the int32 token / mask / response arrays and the margins of this device's rows: exact.
-* activations: what the backward pass keeps per block, counted from the shapes of the block's
-  operations (``_block_bytes``) and the remat policy, plus the final hidden states: an estimate.
+* activations: what the backward pass keeps per block on a fusing compiler (XLA on GPU/TPU: the
+  block input and the matmul outputs; ``_block_bytes``) under the remat policy, plus the final
+  hidden states: an estimate (README: against XLA:GPU on an H200; XLA:CPU ignores remat).
 """
 from __future__ import annotations
 
