@@ -13,7 +13,8 @@
 #      PyTorch, MFU, and a profile of one step
 #   3. the same with XLA's attention (BT only)
 #   4. Llama-3.2-1B shape (16 layers, d 2048, 32/8 heads, vocab 128256), bf16, flash attention
-#   5. plan_memory's estimate vs XLA:GPU's memory analysis (remat none / dots_saveable / full)
+#   5. plan_memory's estimate vs XLA:GPU's memory analysis (remat none / dots_saveable / full;
+#      two shapes, the second held out from the estimate's revision)
 #   6. compile time with model.scan_layers (against step 2's compile times)
 set -u
 LOG=${1:-gpu.log}
