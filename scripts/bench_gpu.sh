@@ -16,6 +16,7 @@
 #   5. plan_memory's estimate vs XLA:GPU's memory analysis (remat none / dots_saveable / full;
 #      two shapes, the second held out from the estimate's revision)
 #   6. compile time with model.scan_layers (against step 2's compile times)
+#   7. train.create_state's random init of the 30-layer model (one jitted init per block shape)
 set -u
 LOG=${1:-gpu.log}
 export PYTHONUNBUFFERED=1
@@ -36,5 +37,16 @@ run "$PY" scripts/bench_train.py $L1B --attention=cudnn --losses=bt,paper --step
 run "$PY" scripts/check_gpu.py --parts=memory
 run "$PY" scripts/bench_train.py $B135 --attention=cudnn --losses=bt --no_torch --steps=3 \
   --scan_layers
+run "$PY" -c "
+import time, jax
+from configs import synthetic
+from rmjax import sharding, train
+c = synthetic.get_config('paper')
+c.model.update(vocab_size=49152, dim=576, num_layers=30, num_heads=9, num_kv_heads=3,
+               head_dim=64, mlp_dim=1536)
+with sharding.use_mesh(sharding.make_mesh((1, 1, 1), jax.devices()[:1])):
+  t0 = time.perf_counter()
+  jax.block_until_ready(train.create_state(c)[1])
+print(f'create_state, random init, 30 layers: {time.perf_counter() - t0:.1f} s')"
 echo "### summary" | tee -a "$LOG"
-grep -E "^README row|PASS|FAIL|within 15%|OFF$|compiled .* rmjax steps" "$LOG"
+grep -E "^README row|PASS|FAIL|within 15%|OFF$|compiled .* rmjax steps|create_state" "$LOG"
