@@ -2,7 +2,7 @@
 # The GPU figures in README (Performance; Memory planning): correctness checks, then benchmarks,
 # all logged to one file. On a machine with an NVIDIA GPU and rmjax installed:
 #
-#   bash scripts/bench_gpu.sh [LOG]
+#   bash scripts/bench_gpu.sh [LOG]        # LOG defaults to runs/gpu.log
 #
 # On an H200 (2026-11-26), run one by one: steps 2 and 4 as README's rows (fewer losses) took
 # 168 s together, step 5 53 s, step 1 passed; steps 3 and 6 have not run there yet.
@@ -18,7 +18,8 @@
 #   6. compile time with model.scan_layers (against step 2's compile times)
 #   7. train.create_state's random init of the 30-layer model (one jitted init per block shape)
 set -u
-LOG=${1:-gpu.log}
+LOG=${1:-runs/gpu.log}
+mkdir -p "$(dirname "$LOG")"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 run() {
