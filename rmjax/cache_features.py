@@ -35,6 +35,7 @@ from rmjax import sharding
 from rmjax.checkpoint import write_json
 from rmjax.data import sources
 from rmjax.data.pipeline import eval_batches
+from rmjax.models.llama import RUN_ONLY_FIELDS
 
 FIELDS = ("features", "tokens", "mask", "response", "margin", "problem_id")
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
@@ -125,9 +126,8 @@ def cache(config, model, layer: int, out: str, splits=("train", "validation"), *
       old = json.load(f)
     same = ("layer", "max_len", "dtype", "shard_size", "model")  # split sizes may change
     # how the backbone runs (remat, scan, attention kernel) does not change its states
-    run_only = ("remat", "scan_layers", "attention")
-    key = lambda m: {k: ({f: v for f, v in m[k].items() if f not in run_only} if k == "model"
-                         else m[k]) for k in same}
+    key = lambda m: {k: ({f: v for f, v in m[k].items() if f not in RUN_ONLY_FIELDS}
+                         if k == "model" else m[k]) for k in same}
     if key(old) != key(meta):
       raise ValueError(f"{out}: holds a cache made with other settings; use another --out")
   write_json(meta_path, meta, default=str)

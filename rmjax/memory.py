@@ -123,7 +123,7 @@ def compiled(config, mesh: jax.sharding.Mesh):
   """XLA's ``memory_analysis()`` of ``rmjax.train``'s step for ``config`` on ``mesh`` (real
   devices), compiled as the trainer compiles it (sharded, state donated); nothing is allocated.
   Per device: arguments = state + batch, outputs = state (+ metrics), temp = everything else."""
-  from rmjax import objective, train
+  from rmjax import train
   rules = tuple(tuple(r) for r in config.mesh.rules)
   with sharding.use_mesh(mesh, rules):
     graphdef, abstract = train.abstract_state(config, mesh)
@@ -132,10 +132,5 @@ def compiled(config, mesh: jax.sharding.Mesh):
         shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape), rules))
     batch = {k: spec((b, 2, l), np.int32) for k in ("tokens", "mask", "response")}
     batch["margin"] = spec((b,), np.float32)
-    state_sharding = jax.tree.map(lambda x: x.sharding, abstract)
-    step = jax.jit(train.make_train_step(graphdef, objective.build_terms(config.loss),
-                                         accum_steps=config.train.accum_steps, seed=0,
-                                         trainable=train.trainable_filter(config)),
-                   in_shardings=(state_sharding, None), out_shardings=(state_sharding, None),
-                   donate_argnums=0)
+    step = train.jit_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, abstract))
     return step.lower(abstract, batch).compile().memory_analysis()

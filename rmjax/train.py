@@ -23,6 +23,7 @@ from rmjax.data import sources
 from rmjax.data.pipeline import eval_batches, train_dataset
 from rmjax.eval.metrics import preference_metrics
 from rmjax.models import LlamaConfig, RewardModel
+from rmjax.models.llama import RUN_ONLY_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,8 @@ def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
   return optax.apply_if_finite(tx, max_consecutive_errors=optim.max_consecutive_nonfinite)
 
 
-ARCH_EXEMPT = ("init_from", "dtype", "param_dtype", "remat", "scan_layers",
-               "attention")  # fields that are not architecture
+# fields that are not architecture
+ARCH_EXEMPT = ("init_from", "dtype", "param_dtype", *RUN_ONLY_FIELDS)
 
 
 def _same(a, b) -> bool:  # floats from checkpoints are often float32 roundings (GGUF)
@@ -116,6 +117,16 @@ def abstract_state(config, mesh):
 
 
 # --- steps ---
+
+def jit_train_step(graphdef, config, state_sharding):
+  """The trainer's step for ``config``: ``make_train_step``, jitted with the state's shardings in
+  and out and the state donated (``rmjax.memory.compiled`` analyses this same step)."""
+  terms = objective.build_terms(config.loss)
+  return jax.jit(make_train_step(graphdef, terms, accum_steps=config.train.accum_steps,
+                                 seed=config.seed, trainable=trainable_filter(config)),
+                 in_shardings=(state_sharding, None), out_shardings=(state_sharding, None),
+                 donate_argnums=0)
+
 
 def make_train_step(graphdef, terms, *, accum_steps: int, seed: int, trainable=nnx.Param,
                     start_layer: int = 0):
@@ -229,7 +240,6 @@ def train(config, workdir: str) -> dict[str, float]:
     eval_source = sources.make_source(config, "validation")
 
     # --- model & optimiser (fresh, or restored with the data position) ---
-    terms = objective.build_terms(config.loss)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
                         max_to_keep=config.train.keep_checkpoints,
                         async_save=config.train.async_checkpointing)
@@ -240,11 +250,7 @@ def train(config, workdir: str) -> dict[str, float]:
     else:
       log.info("resumed %s at step %d", workdir, start)
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    train_step = jax.jit(
-        make_train_step(graphdef, terms, accum_steps=config.train.accum_steps, seed=config.seed,
-                        trainable=trainable_filter(config)),
-        in_shardings=(state_sharding, None), out_shardings=(state_sharding, None),
-        donate_argnums=0)
+    train_step = jit_train_step(graphdef, config, state_sharding)
     # rewards come back replicated: every process reads the whole global batch's
     eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(state_sharding, None),
                         out_shardings=sharding.replicated(mesh))

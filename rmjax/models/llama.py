@@ -20,6 +20,10 @@ REMAT_POLICIES = {"none": None, "dots_saveable": jax.checkpoint_policies.dots_sa
                   "full": jax.checkpoint_policies.nothing_saveable}
 
 
+# LlamaConfig fields that say how the model runs, not what it computes
+RUN_ONLY_FIELDS = ("remat", "scan_layers", "attention")
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   vocab_size: int = 256
