@@ -133,14 +133,14 @@ class JaxStep:
     import jax
     from flax import nnx
 
-    from rmjax import objective, train
+    from rmjax import train
     config = config_for(variant)
     self.graphdef, self.state = host_random_state(config, mesh)
-    step = train.make_train_step(self.graphdef, objective.build_terms(config.loss),
-                                 accum_steps=1, seed=config.seed)
+    step = train.jit_train_step(self.graphdef, config,
+                                jax.tree.map(lambda x: x.sharding, self.state))
     self.batch = jax.device_put(batch)
     t0 = time.perf_counter()
-    self.compiled = jax.jit(step, donate_argnums=0).lower(self.state, self.batch).compile()
+    self.compiled = step.lower(self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - t0
     params = nnx.state(nnx.merge(self.graphdef, self.state)["model"], nnx.Param)
     self.n_params = sum(x.size for x in jax.tree.leaves(params))
