@@ -119,6 +119,14 @@ def plan(config, mesh_shape, dcn_shape=None) -> MemoryPlan:
                     activations=activations)
 
 
+def versus_xla(plan: MemoryPlan, stats) -> dict[str, tuple[int, int]]:
+  """(planned, XLA) bytes per device for ``compiled``'s memory analysis: arguments = parameters
+  + optimiser state + batch (exact); temp = gradients + activations (XLA's temp also holds its
+  scratch)."""
+  return {"arguments": (plan.params + plan.optimizer + plan.batch, stats.argument_size_in_bytes),
+          "temp": (plan.gradients + plan.activations, stats.temp_size_in_bytes)}
+
+
 def compiled(config, mesh: jax.sharding.Mesh):
   """XLA's ``memory_analysis()`` of ``rmjax.train``'s step for ``config`` on ``mesh`` (real
   devices), compiled as the trainer compiles it (sharded, state donated); nothing is allocated.

@@ -89,16 +89,13 @@ def check_memory(mesh) -> bool:
       config = synthetic.get_config("paper")
       config.model.update(dtype="bfloat16", remat=remat, attention=attention, **fields)
       config.train.batch_size, config.data.max_len = pairs, tokens
-      plan = memory.plan(config, (1, 1, 1))
-      stats = memory.compiled(config, mesh)
-      args = plan.params + plan.optimizer + plan.batch
-      temp = plan.gradients + plan.activations
-      ratio = temp / stats.temp_size_in_bytes
+      rows = memory.versus_xla(memory.plan(config, (1, 1, 1)), memory.compiled(config, mesh))
+      (args, xla_args), (temp, xla_temp) = rows["arguments"], rows["temp"]
+      ratio = temp / xla_temp
       good = abs(ratio - 1) <= 0.15
-      xla_args = stats.argument_size_in_bytes
       ok &= abs(args / xla_args - 1) < 0.01  # exact up to XLA's scalars
       print(f"  {attention:9s} {remat:14s} {args / mib:10.1f} {xla_args / mib:10.1f}"
-            f" {temp / mib:10.1f} {stats.temp_size_in_bytes / mib:10.1f} {ratio:9.2f}  "
+            f" {temp / mib:10.1f} {xla_temp / mib:10.1f} {ratio:9.2f}  "
             f"{'within 15%' if good else 'OFF'}")
   return ok
 

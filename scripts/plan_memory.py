@@ -46,13 +46,9 @@ def main(argv):
       raise app.UsageError(f"--compile: the mesh needs {n} devices, this machine has "
                            f"{jax.device_count()}")
     mesh = sharding.make_mesh(shape, jax.devices()[:n], dcn_shape=dcn)
-    stats = memory.compiled(config, mesh)
     mib = memory.MiB
-    rows = [("arguments", plan.params + plan.optimizer + plan.batch,
-             stats.argument_size_in_bytes),
-            ("temp", plan.gradients + plan.activations, stats.temp_size_in_bytes)]
     print(f"\nplan vs XLA ({jax.devices()[0].device_kind}), MiB per device:")
-    for name, planned, xla in rows:
+    for name, (planned, xla) in memory.versus_xla(plan, memory.compiled(config, mesh)).items():
       print(f"{name:<12}{planned / mib:>12.2f} {xla / mib:>12.2f}  plan/XLA {planned / xla:.2f}")
 
 
