@@ -6,6 +6,8 @@
   python scripts/bench_train.py --profile            # + where one rmjax step's time goes (CPU)
   python scripts/bench_train.py --layers=30 --pairs=16 --seq=1024 --dtype=bfloat16 \
       --attention=cudnn --steps=20                   # on an NVIDIA GPU: bf16, flash attention
+  python scripts/bench_train.py --losses=bt --no_torch --vs=remat=full,scan_layers=true
+                                                     # settings against the BT step, same rounds
 
 # B: pairs, L: sequence length
 
@@ -70,22 +72,52 @@ _SPARSE = flags.DEFINE_bool("sparse_last_block", True,
 _ATTENTION = flags.DEFINE_enum("attention", "xla", ["xla", "cudnn"],
                                 "model.attention: 'cudnn' = flash attention (NVIDIA GPU, bf16).")
 _SCAN = flags.DEFINE_bool("scan_layers", False, "model.scan_layers (prints the compile time).")
+_VS = flags.DEFINE_list("vs", [], "Model settings to set against the BT step in the same rounds, "
+                        "each field=value (e.g. attention=xla,scan_layers=true): one more BT "
+                        "contestant per entry, reported by compile time and tokens/s ratio.")
 _PROFILE = flags.DEFINE_bool("profile", False,
                              "Trace one rmjax BT step (jax.profiler) and print where its time "
                              "goes: matmuls, layout copies, the rest.")
 
 
-def config_for(variant: str):
+def config_for(variant: str, **model_fields):
   from configs import synthetic
   c = synthetic.get_config(variant)
   c.model.update(vocab_size=_VOCAB.value, dim=_DIM.value, num_layers=_LAYERS.value,
                  num_heads=_HEADS.value, num_kv_heads=_KV_HEADS.value, head_dim=_HEAD_DIM.value,
                  mlp_dim=_MLP.value, rope_theta=_ROPE_THETA.value, dtype=_DTYPE.value,
                  scan_layers=_SCAN.value, attention=_ATTENTION.value)
+  c.model.update(model_fields)
   c.loss.sparse_last_block = _SPARSE.value
   c.train.batch_size = _PAIRS.value
   c.mesh.shape = (1, 1, 1)
   return c
+
+
+def parse_vs(entries: list[str]) -> dict[str, dict]:
+  """``--vs`` entries -> {contestant name: model fields}; values parse as bool, int, float or
+  string, checked against the model config's fields and types."""
+  model = config_for("bt").model
+  out = {}
+  for entry in entries:
+    key, sep, raw = entry.partition("=")
+    if not sep or key not in model:
+      raise app.UsageError(f"--vs entry {entry!r}: expected field=value with a model field "
+                           f"({', '.join(sorted(model.keys()))})")
+    value = {"true": True, "false": False}.get(raw.lower(), raw)
+    if isinstance(value, str):
+      for kind in (int, float):
+        try:
+          value = kind(raw)
+          break
+        except ValueError:
+          pass
+    try:
+      c = config_for("bt", **{key: value})
+    except (TypeError, ValueError) as e:
+      raise app.UsageError(f"--vs entry {entry!r}: {e}") from e
+    out[f"rmjax bt {key}={c.model[key]}"] = {key: value}
+  return out
 
 
 def random_batch(seed: int = 0) -> dict[str, np.ndarray]:
@@ -129,12 +161,12 @@ def host_random_state(config, mesh):
 class JaxStep:
   """One jitted, donated rmjax train step; calling it runs a step and returns its seconds."""
 
-  def __init__(self, variant: str, batch, mesh):
+  def __init__(self, variant: str, batch, mesh, **model_fields):
     import jax
     from flax import nnx
 
     from rmjax import train
-    config = config_for(variant)
+    config = config_for(variant, **model_fields)
     self.graphdef, self.state = host_random_state(config, mesh)
     step = train.jit_train_step(self.graphdef, config,
                                 jax.tree.map(lambda x: x.sharding, self.state))
@@ -290,12 +322,14 @@ def main(argv):
   from rmjax import sharding
   if "bt" not in _LOSSES.value:
     raise app.UsageError("--losses must include bt (the baseline of every comparison)")
+  vs = parse_vs(_VS.value)
   batch = random_batch()
   tokens_per_step = 2 * _PAIRS.value * _SEQ.value
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   with sharding.use_mesh(mesh):
     t0 = time.perf_counter()
     contestants = {f"rmjax {v}": JaxStep(v, batch, mesh) for v in _LOSSES.value}
+    contestants.update((name, JaxStep("bt", batch, mesh, **fields)) for name, fields in vs.items())
     print(f"built and compiled {len(contestants)} rmjax steps in {time.perf_counter() - t0:.1f} s "
           f"(the step compiles alone: " + ", ".join(f"{k} {c.compile_s:.1f} s" for k, c in
                                                       contestants.items()) + ")", flush=True)
@@ -341,9 +375,10 @@ def main(argv):
   print(f"model FLOPs/token {step_flops / tokens_per_step / 1e6:.1f} M = 6 x "
         f"{n_nonembed / 1e6:.1f}M + attention {attn_per_token / 1e6:.1f}M (XLA counts "
         f"{xla['rmjax bt'][0] / tokens_per_step / 1e6:.1f} M in the compiled BT step)")
+  width = max(map(len, contestants))
   for name in contestants:
     if name != "peak":
-      print(f"{name:14s} step {med[name]:7.3f} s (min {t[name].min():.3f}, max "
+      print(f"{name:{width}s} step {med[name]:7.3f} s (min {t[name].min():.3f}, max "
             f"{t[name].max():.3f})  {tokens_per_step / med[name]:8.1f} tokens/s")
   print(f"peak {np.median(peak_R) / 1e9:.1f} GFLOP/s median, {np.max(peak_R) / 1e9:.1f} max "
         f"({peak_desc})")
@@ -356,6 +391,10 @@ def main(argv):
       f, b = (x / y - 1 for x, y in zip(xla[f"rmjax {v}"], xla["rmjax bt"]))
       print(f"contrastive overhead, {v}: {overhead[v]:+.1%} step time (median of per-round "
             f"ratios); XLA FLOPs {f:+.2%}, bytes accessed {b:+.2%}")
+  for name in vs:
+    print(f"{name}: compiled in {contestants[name].compile_s:.1f} s (rmjax bt "
+          f"{bt.compile_s:.1f} s); tokens/s {np.median(t['rmjax bt'] / t[name]):.2f}x rmjax bt's "
+          "(median of per-round ratios)")
   summary = [f"`python scripts/bench_train.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
              machine(), str(datetime.date.today()), f"rmjax {tok_s:.0f} tok/s"]
   if "torch bt" in t:
