@@ -8,8 +8,9 @@
   divided by the mesh axes its logical axis maps to (``config.mesh.rules``): exact.
 * batch: the int32 token / mask / response arrays and the margins of this device's rows: exact.
 * activations: what the backward pass keeps per block on a fusing compiler (XLA on GPU/TPU: the
-  block input and the matmul outputs; ``_block_bytes``) under the remat policy, plus the final
-  hidden states: an estimate (README: against XLA:GPU on an H200; XLA:CPU ignores remat).
+  block input and the matmul outputs; ``_block_bytes``) under the remat policy, plus one block's
+  backward pass and the final hidden states: an estimate (README: against XLA:GPU on an H200;
+  XLA:CPU ignores remat).
 """
 from __future__ import annotations
 
@@ -73,11 +74,13 @@ def _state_bytes(state, rules, mesh_sizes) -> int:
 
 
 def _block_bytes(cfg, t: int, l: int, n: int, k: int, f: int, remat: str) -> tuple[int, int]:
-  """(bytes kept for the backward pass, bytes alive while recomputing one block) of one block.
+  """(bytes one block keeps for the backward pass, bytes more alive while it runs backward:
+  its recomputed part under remat, and transients).
 
   A fusing compiler (XLA on GPU/TPU) keeps the block input and the matmul outputs and recomputes
   elementwise results (norms, RoPE, SiLU) inside the fusions that read them, so 'none' and
-  'dots_saveable' keep the same here; XLA:GPU may keep less under 'dots_saveable'."""
+  'dots_saveable' keep the same here; XLA:GPU may keep less under 'dots_saveable'. While one
+  block runs backward, XLA's attention also holds the fp32 gradient of its L x L logits."""
   c, h, d = np.dtype(DTYPES[cfg.dtype]).itemsize, cfg.hd, cfg.dim
   block_input = t * d * c
   # matmul outputs: q, k, v, attention logits (fp32; cuDNN's flash attention keeps only the
@@ -85,7 +88,8 @@ def _block_bytes(cfg, t: int, l: int, n: int, k: int, f: int, remat: str) -> tup
   logits = t * n * 4 if cfg.attention == "cudnn" else t * n * l * 4
   dots = t * c * ((n + 2 * k) * h + n * h + 2 * d + 2 * f) + logits
   kept = block_input + dots if remat in ("none", "dots_saveable") else block_input
-  return kept, block_input + dots - kept
+  grad_logits = 0 if cfg.attention == "cudnn" else logits
+  return kept, block_input + dots - kept + grad_logits
 
 
 def plan(config, mesh_shape, dcn_shape=None) -> MemoryPlan:

@@ -13,9 +13,9 @@
 #      model.scan_layers (step time, compile time), in the same rounds
 #   4. Llama-3.2-1B shape (16 layers, d 2048, 32/8 heads, vocab 128256), bf16, flash attention
 #   5. plan_memory's estimate vs XLA:GPU's memory analysis (remat none / dots_saveable / full;
-#      two shapes, the second held out from the estimate's revision), one device
+#      three shapes, the third held out from the estimate's revisions), one device
 #   6. the same on FSDP (1, 8, 1) and data x FSDP x tensor (2, 2, 2) meshes, compiled for 8 GPUs
-#      that XLA mocks (MOCK_NUM_GPU_PROCESSES=8; compile only)
+#      that XLA mocks (check_gpu.py --mock_processes=8; compile only)
 #   7. train.create_state's random init of the 30-layer model (one jitted init per block shape)
 set -u
 LOG=${1:-runs/gpu.log}
@@ -40,7 +40,8 @@ step() {
     4) run "$PY" scripts/bench_train.py $L1B --attention=cudnn --losses=bt,paper --steps=5 ;;
     5) run "$PY" scripts/check_gpu.py --parts=memory ;;
     6) for mesh in 2,2,2 1,8,1; do
-         MOCK_NUM_GPU_PROCESSES=8 run "$PY" scripts/check_gpu.py --parts=memory --mesh=$mesh
+         run "$PY" scripts/check_gpu.py --parts=memory --mesh=$mesh --mock_processes=8 \
+           --shapes=${MESH_SHAPES:-0,1,2}
        done ;;
     7) run "$PY" -c "
 import time, jax

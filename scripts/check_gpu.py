@@ -1,7 +1,7 @@
 """Checks that need an NVIDIA GPU, which CI's CPUs cannot run (prints a table; exit 1 on a failure).
 
   python scripts/check_gpu.py [--parts=attention,memory]
-  MOCK_NUM_GPU_PROCESSES=8 python scripts/check_gpu.py --parts=memory --mesh=2,2,2
+  python scripts/check_gpu.py --parts=memory --mesh=2,2,2 --mock_processes=8
 
 * attention: ``model.attention='cudnn'`` (cuDNN flash attention) against the XLA attention, in
   bf16, on right- and left-padded synthetic pairs: the training loss (BT + paper contrastive,
@@ -12,8 +12,8 @@
   dots_saveable / full and both attention kernels: arguments
   (state + batch, exact) and temp (gradients + activations, the estimate; XLA's temp also holds
   its scratch). Target: temp within 15%. ``--mesh`` compiles for a (data, fsdp, tensor) mesh
-  with the same pairs per data shard; XLA's mock GPU processes (``MOCK_NUM_GPU_PROCESSES=N``,
-  compile only) stand in for the devices that one GPU lacks.
+  with the same pairs per data shard; ``--mock_processes`` makes XLA mock the GPUs one machine
+  lacks (``jax.config`` ``mock_num_gpu_processes``; compile only).
 """
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _PARTS = flags.DEFINE_list("parts", ["attention", "memory"], "Which checks to run.")
 _MESH = flags.DEFINE_list("mesh", ["1", "1", "1"], "memory: data,fsdp,tensor mesh to compile for.")
+_SHAPES = flags.DEFINE_list("shapes", ["0", "1", "2"], "memory: which MEMORY_SHAPES (indices).")
+_MOCK = flags.DEFINE_integer("mock_processes", 0, "memory: compile for this many GPU "
+                             "processes that XLA mocks (one GPU each; compile only), for a "
+                             "--mesh larger than this machine.")
 
 
 def rel(a, b) -> float:
@@ -69,12 +73,16 @@ def check_attention(mesh) -> bool:
 
 
 # (name, model fields, pairs, tokens). The activation estimate was revised after seeing the first
-# shape's compiles on an H200 (README); the second was not seen then: an out-of-sample check.
+# shape's compiles on an H200, and again (+ the logits' gradient) after the second's; the third
+# was not seen then: the out-of-sample check (README, Memory levers and planning).
 MEMORY_SHAPES = (
     ("SmolLM2-135M, 4 layers", dict(vocab_size=49152, dim=576, num_layers=4, num_heads=9,
                                     num_kv_heads=3, head_dim=64, mlp_dim=1536), 8, 512),
-    ("d 1024, 4 layers (held out)", dict(vocab_size=32000, dim=1024, num_layers=4, num_heads=16,
-                                         num_kv_heads=4, head_dim=64, mlp_dim=4096), 4, 1024),
+    ("d 1024, 4 layers", dict(vocab_size=32000, dim=1024, num_layers=4, num_heads=16,
+                              num_kv_heads=4, head_dim=64, mlp_dim=4096), 4, 1024),
+    ("d 768, 6 layers, 2048 tokens (held out)", dict(
+        vocab_size=32768, dim=768, num_layers=6, num_heads=12, num_kv_heads=4, head_dim=64,
+        mlp_dim=2048), 2, 2048),
 )
 
 
@@ -85,7 +93,9 @@ def check_memory(mesh) -> bool:
   mib = memory.MiB
   shape = tuple(mesh.devices.shape)
   data, fsdp, tensor = shape
-  for name, fields, pairs, tokens in MEMORY_SHAPES:
+  for i, (name, fields, pairs, tokens) in enumerate(MEMORY_SHAPES):
+    if str(i) not in _SHAPES.value:
+      continue
     if fields["num_kv_heads"] % tensor:
       print(f"\n{name}: skipped, {fields['num_kv_heads']} kv heads do not split {tensor} ways")
       continue
@@ -113,6 +123,10 @@ def check_memory(mesh) -> bool:
 def main(argv):
   del argv
   import jax
+  if _MOCK.value:
+    if _PARTS.value != ["memory"]:
+      raise app.UsageError("--mock_processes applies to --parts=memory only")
+    jax.config.update("mock_num_gpu_processes", _MOCK.value)  # before the backend starts
 
   from rmjax import sharding
   print(f"devices: {jax.devices()}; jax {jax.__version__}")
@@ -122,7 +136,7 @@ def main(argv):
   n = int(np.prod(shape))
   if n > jax.device_count():
     raise app.UsageError(f"--mesh={_MESH.value} needs {n} devices, there are "
-                         f"{jax.device_count()}: MOCK_NUM_GPU_PROCESSES={n} mocks them")
+                         f"{jax.device_count()}: --mock_processes={n} mocks them")
   if n > 1 and "attention" in _PARTS.value:
     raise app.UsageError("--mesh applies to --parts=memory only")
   ok = True
