@@ -120,7 +120,9 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] |
   With ``dcn_shape`` (multi-slice), ``shape`` is the mesh within one slice (fast interconnect,
   ICI) and ``dcn_shape`` how many slices each axis spans over the data-centre network; the
   global mesh is their element-wise product. When the devices are not spread over several TPU
-  slices (GPU clusters, CPU), each process counts as a slice: run one process per node.
+  slices (GPU clusters, CPU), each process counts as a slice: run one process per node. Without
+  ``dcn_shape``, devices of several slices (e.g. GPU nodes that JAX reports as slices) fill
+  ``shape`` slice by slice, so that the leading axes span the slices.
   """
   devices = list(jax.devices() if devices is None else devices)
   dcn = (1,) * len(MESH_AXES) if dcn_shape is None else tuple(dcn_shape)
@@ -131,11 +133,18 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] |
                      f"{int(np.prod(dcn))} slices")
   shape = _fill_shape(shape, len(devices) // int(np.prod(dcn)))
   axis_types = (AxisType.Auto,) * len(MESH_AXES)
-  if dcn_shape is None:
+  one_slice = len({_slice_of(d) for d in devices}) == 1
+  if dcn_shape is None and one_slice:
     return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
-  one_slice = len({getattr(d, "slice_index", 0) for d in devices}) == 1
+  if dcn_shape is None:  # jax.make_mesh refuses several slices
+    ordered = sorted(devices, key=lambda d: (_slice_of(d), d.process_index, d.id))
+    return jax.sharding.Mesh(np.asarray(ordered).reshape(shape), MESH_AXES, axis_types=axis_types)
   grid = mesh_utils.create_hybrid_device_mesh(shape, dcn, devices, process_is_granule=one_slice)
   return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+def _slice_of(device: jax.Device) -> int:
+  return getattr(device, "slice_index", 0)
 
 
 def _fill_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:

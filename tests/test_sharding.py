@@ -50,6 +50,17 @@ def test_dcn_shape_builds_the_hybrid_mesh_and_checks_slices():
     sharding.make_mesh((1, 2, 2), dcn_shape=(2, 1, 1))  # one process: one slice
 
 
+def test_devices_of_several_slices_fill_the_mesh_slice_by_slice(monkeypatch):
+  """GPU nodes may report themselves as slices (e.g. XLA's mock GPU processes), which
+  jax.make_mesh refuses: without dcn_shape the mesh takes them slice-major instead."""
+  slice_of = {d.id: (7 - d.id) // 2 for d in jax.devices()}  # 4 slices, in reverse id order
+  monkeypatch.setattr(sharding, "_slice_of", lambda d: slice_of[d.id])
+  mesh = sharding.make_mesh((4, 2, 1))
+  assert [[slice_of[d.id] for d in row.ravel()] for row in mesh.devices] == [
+      [0, 0], [1, 1], [2, 2], [3, 3]]  # data spans the slices, fsdp stays within one
+  assert sorted(d.id for d in mesh.devices.ravel()) == list(range(8))
+
+
 def test_slurm_args_one_process_per_gpu_or_per_node():
   env = {"SLURM_NTASKS": "16", "SLURM_PROCID": "9", "SLURM_LOCALID": "1",
          "SLURM_STEP_NUM_NODES": "2", "SLURM_JOB_ID": "4097",
