@@ -15,7 +15,8 @@
 #   5. plan_memory's estimate vs XLA:GPU's memory analysis (remat none / dots_saveable / full;
 #      three shapes, the third held out from the estimate's revisions), one device
 #   6. the same on FSDP (1, 8, 1) and data x FSDP x tensor (2, 2, 2) meshes, compiled for 8 GPUs
-#      that XLA mocks (check_gpu.py --mock_processes=8; compile only)
+#      that XLA mocks (check_gpu.py --mock_processes=8; compile only; on an H200 the first
+#      compile had not finished after 85-115 s: give it STEP_TIMEOUT)
 #   7. train.create_state's random init of the 30-layer model (one jitted init per block shape)
 set -u
 LOG=${1:-runs/gpu.log}

@@ -8,12 +8,13 @@
   sparse last block) and the gradients of every parameter. Yardstick: how far bf16 XLA is from
   fp32 XLA on the same batch; cuDNN passes if its gradient error is within 2x of that.
 * memory: ``rmjax.memory.plan`` beside XLA:GPU's ``memory_analysis()`` of the compiled train
-  step (``scripts/plan_memory.py --compile``) for two shapes (``MEMORY_SHAPES``), remat none /
+  step (``scripts/plan_memory.py --compile``) for three shapes (``MEMORY_SHAPES``), remat none /
   dots_saveable / full and both attention kernels: arguments
   (state + batch, exact) and temp (gradients + activations, the estimate; XLA's temp also holds
   its scratch). Target: temp within 15%. ``--mesh`` compiles for a (data, fsdp, tensor) mesh
   with the same pairs per data shard; ``--mock_processes`` makes XLA mock the GPUs one machine
-  lacks (``jax.config`` ``mock_num_gpu_processes``; compile only).
+  lacks (``jax.config`` ``mock_num_gpu_processes``; compile only; on an H200 with jax 0.11.2 one
+  such compile for 8 mocked GPUs did not finish within 85-115 s, so no figures yet).
 """
 from __future__ import annotations
 
