@@ -11,6 +11,7 @@ The model is shaped like SmolLM2-135M and uses its tokenizer (the GGUF of ``llm-
 from pathlib import Path
 
 from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
 
 from rmjax.data.tokenizer import smollm2_gguf
 from rmjax.sharding import DEFAULT_RULES
@@ -62,6 +63,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.model.param_dtype = "float32"
   c.model.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16'
   c.model.attention = "xla"  # 'xla', or 'cudnn': flash attention on NVIDIA GPUs (bf16 dtype)
+  c.model.remat = "none"  # recompute activations per block: 'none', 'dots_saveable', 'full'
+  c.model.scan_layers = False  # blocks as one lax.scan (one block in the program; README)
 
   c.loss = ConfigDict()
   c.loss.bt_weight = 1.0  # weight of the Bradley-Terry term
@@ -86,12 +89,15 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.95
   c.optim.clip_norm = 1.0  # global gradient-norm clipping
-  c.optim.max_consecutive_nonfinite = 10  # non-finite updates are skipped; this many in a row fail
+  # non-finite updates are skipped; this many in a row stop the run with an error
+  c.optim.max_consecutive_nonfinite = 10
 
   c.train = ConfigDict()
   c.train.steps = 500  # optimiser steps (~4 epochs of the 1,938 training pairs at batch 16)
   c.train.batch_size = 16  # pairs per step (global, over all devices and processes)
   c.train.accum_steps = 1  # micro-batches per step (batch_size must divide by it)
+  c.train.trainable_top_layers = -1  # -1: train everything; k >= 0: only the top k blocks (+ final
+  # norm when k > 0) and the head, the rest frozen
   c.train.log_every = 10  # steps between train metrics lines
   c.train.eval_every = 100  # steps between held-out evaluations (and at the end)
   c.train.ckpt_every = 100  # steps between checkpoints (and at the end)
@@ -100,6 +106,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
 
   c.mesh = ConfigDict()
   c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
+  # multi-slice: slices spanned by each axis over the data-centre network, e.g. '(2,1,1)' for
+  # data parallelism across 2 TPU slices; mesh.shape is then the mesh within one slice
+  c.mesh.dcn_shape = placeholder(tuple)
   c.mesh.rules = DEFAULT_RULES  # logical axis -> mesh axes (rmjax.sharding)
 
   if loss == "bt":

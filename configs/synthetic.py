@@ -29,6 +29,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.data.error_kinds = "carry"  # slips in rejected solutions, comma-separated: carry, copy, arith
   c.data.max_len = 48  # tokens per sequence (prompt + response); prompts are cut from the left
   c.data.padding_side = "right"  # 'right' or 'left': rewards do not depend on it
+  c.data.buckets = ()  # batch lengths (one compiled step each); () = max_len only
+  c.data.sort_window = 1  # batches sorted by length together (1 = no sorting)
+  c.data.num_threads = 0  # threads reading + tokenising ahead of the train step (0 = none)
+  c.data.num_workers = 0  # worker processes (grain mp_prefetch); 0 = in the main process
 
   c.model = ConfigDict()  # rmjax.models.LlamaConfig fields
   c.model.init_from = ""  # HF folder or .gguf to start from ("" = random init); see README
@@ -71,7 +75,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.98
   c.optim.clip_norm = 1.0  # global gradient-norm clipping
-  c.optim.max_consecutive_nonfinite = 10  # non-finite updates are skipped; this many in a row fail
+  # non-finite updates are skipped; this many in a row stop the run with an error
+  c.optim.max_consecutive_nonfinite = 10
 
   c.train = ConfigDict()
   c.train.steps = 2000  # optimiser steps

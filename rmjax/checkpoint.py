@@ -2,8 +2,9 @@
 
 A save is atomic (Orbax writes to a temporary folder and renames it when complete), so a run killed
 mid-save leaves no half checkpoint behind as "latest". A checkpoint that still fails to restore
-(truncated or edited files) is renamed ``<step>.corrupt-<n>`` (never deleted) with a warning, and
-the previous one is tried. A checkpoint restores under any process count (the data position is
+(truncated or edited files) is renamed ``<step>.corrupt-<n>`` (never deleted) with a warning once
+an older one restores; when none restores (a changed config), nothing is renamed and restore fails
+with the newest one's error. A checkpoint restores under any process count (the data position is
 shared by all processes).
 """
 from __future__ import annotations
@@ -46,27 +47,45 @@ class Checkpointer:
     """Restores the newest good checkpoint into ``abstract_state``'s shardings.
 
     Returns ``(step, state)``, or ``(None, None)`` when there is none; ``data_iterator`` is moved
-    to the saved position in place.
+    to the saved position in place. Checkpoints newer than the restored one are set aside. When
+    none restores, nothing is renamed and the newest one's error is raised: the likely cause is
+    the run's config, not the files (another architecture, or data options that change the
+    iterator state such as ``data.num_workers``).
     """
+    failed = []  # (step, error), newest first
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        data_states = glob.glob(os.path.join(self.directory, str(step), "data", "process_*.json"))
-        own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-        if own in map(os.path.basename, data_states) or not data_states:
-          restored = self.manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_state),
-              data=grain.checkpoint.CheckpointRestore(data_iterator)))
-        else:
-          # saved by another process count: every process's iterator holds the same position
-          # (the number of global batches read; see rmjax.data.pipeline), so any file will do
-          restored = self.manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_state)))
-          with open(sorted(data_states)[0]) as f:
-            data_iterator.set_state(json.load(f))
-        return step, restored["state"]
+        state = self._restore(step, abstract_state, data_iterator)
       except Exception as e:  # any failure to read means this checkpoint is unusable
-        self._set_aside(step, e)
+        failed.append((step, e))
+        continue
+      for bad_step, error in failed:
+        self._set_aside(bad_step, error)
+      return step, state
+    if failed:
+      step, error = failed[0]
+      raise RuntimeError(
+          f"{self.directory}: none of the {len(failed)} checkpoints restores (newest, step "
+          f"{step}: {type(error).__name__}: {str(error)[:500]}). Has the config changed since "
+          "they were saved? Resume with the run's config (config.json in its workdir) or start "
+          "in a new workdir; nothing was renamed.") from error
     return None, None
+
+  def _restore(self, step: int, abstract_state, data_iterator):
+    data_states = glob.glob(os.path.join(self.directory, str(step), "data", "process_*.json"))
+    own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if own in map(os.path.basename, data_states) or not data_states:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    else:
+      # saved by another process count: every process's iterator holds the same position
+      # (the number of global batches read; see rmjax.data.pipeline), so any file will do
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))
+      with open(sorted(data_states)[0]) as f:
+        data_iterator.set_state(json.load(f))
+    return restored["state"]
 
   def _set_aside(self, step: int, error: Exception) -> None:
     path = os.path.join(self.directory, str(step))
@@ -75,8 +94,8 @@ class Checkpointer:
       while os.path.exists(f"{path}.corrupt-{n}"):
         n += 1
       os.rename(path, f"{path}.corrupt-{n}")
-      log.warning("checkpoint %s cannot be restored (%s: %s); kept as %s.corrupt-%d, trying the "
-                  "previous one", path, type(error).__name__, str(error)[:300], path, n)
+      log.warning("checkpoint %s cannot be restored (%s: %s) but an older one can; kept as "
+                  "%s.corrupt-%d", path, type(error).__name__, str(error)[:300], path, n)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"rmjax_set_aside_{step}")
     self.manager.reload()

@@ -129,6 +129,7 @@ def contrastive_paper_loss(h_src_BxSxD, h_goal_BxSxD, h_neg_BxSxD, valid_BxS, *,
   ``mean_log`` (default): mean over valid samples of ``-log σ(cos⁺/τ) - log(1 - σ(cos⁻/τ))``.
   ``log_mean``: the official implementation's reduction, ``-log mean σ(cos⁺/τ) -
   log(1 - mean σ(cos⁻/τ))`` over the whole batch (kept to reproduce its numbers).
+  Either is 0 when no sample is valid.
   """
   pos_BxS = cosine(h_src_BxSxD, h_goal_BxSxD) / temperature
   neg_BxS = cosine(h_neg_BxSxD, h_goal_BxSxD) / temperature
@@ -136,8 +137,11 @@ def contrastive_paper_loss(h_src_BxSxD, h_goal_BxSxD, h_neg_BxSxD, valid_BxS, *,
   if reduction == "mean_log":
     return _masked_mean(jax.nn.softplus(-pos_BxS) + jax.nn.softplus(neg_BxS), w_BxS)
   if reduction == "log_mean":
-    return (-jnp.log(_masked_mean(jax.nn.sigmoid(pos_BxS), w_BxS))
-            - jnp.log1p(-_masked_mean(jax.nn.sigmoid(neg_BxS), w_BxS)))
+    # no valid sample: the term is 0 (the means of nothing would give log(0))
+    any_valid = jnp.any(valid_BxS)
+    pos = jnp.where(any_valid, _masked_mean(jax.nn.sigmoid(pos_BxS), w_BxS), 1.0)
+    neg = jnp.where(any_valid, _masked_mean(jax.nn.sigmoid(neg_BxS), w_BxS), 0.0)
+    return -jnp.log(pos) - jnp.log1p(-neg)
   raise ValueError(f"reduction={reduction!r}: expected one of {PAPER_REDUCTIONS}")
 
 

@@ -38,13 +38,30 @@ def main(argv):
   lead = jax.process_index() == 0  # the only process that logs, prints and writes metrics
   logging.getLogger("rmjax").setLevel(logging.INFO if lead else logging.WARNING)
   config = _CONFIG.value
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  if lead:
-    with open(os.path.join(_WORKDIR.value, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  save_config(config, _WORKDIR.value, write=lead)
   final = train.train(config, _WORKDIR.value)
   if lead:
     print(json.dumps({"final_eval": final}))
+
+
+def save_config(config, workdir: str, *, write: bool = True) -> None:
+  """Writes ``workdir/config.json`` (atomically), which ``rmjax.evaluate`` and the exporter read.
+  A run resumed with another model architecture than the one there is refused."""
+  from rmjax import checkpoint, train
+  path = os.path.join(workdir, "config.json")
+  new = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f).get("model", {})
+    wrong = {k: (v, old[k]) for k, v in new["model"].items()
+             if k not in train.ARCH_EXEMPT and k in old and v != old[k]}
+    if wrong:
+      raise ValueError(f"{path}: this workdir's run has another architecture: " + ", ".join(
+          f"model.{k}={a!r} (config.json: {b!r})" for k, (a, b) in wrong.items())
+          + "; use a new --workdir, or the run's config")
+  if write:
+    os.makedirs(workdir, exist_ok=True)
+    checkpoint.write_json(path, new, indent=2)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def plan(config, mesh_shape, dcn_shape=None) -> MemoryPlan:
   mesh = abstract_mesh(mesh_shape, dcn_shape)
   sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
   with jax.sharding.use_abstract_mesh(mesh), nnx.logical_axis_rules(rules):
-    graphdef, state = nnx.eval_shape(lambda: train.create_state(config))
+    graphdef, state = nnx.eval_shape(lambda: train.create_state(config, pretrained=False))
     model = nnx.merge(graphdef, state)["model"]
     params = _state_bytes(nnx.state(model, nnx.Param), rules, sizes)
     gradients = _state_bytes(nnx.state(model, train.trainable_filter(config)), rules, sizes)

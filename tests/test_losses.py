@@ -52,6 +52,15 @@ def test_paper_loss_official_log_mean_matches_numpy():
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("reduction", losses.PAPER_REDUCTIONS)
+def test_paper_loss_is_zero_with_finite_grads_when_no_sample_is_valid(reduction):
+  src, goal, neg, _ = random_states(4)
+  loss_fn = lambda src: losses.contrastive_paper_loss(src, goal, neg, np.zeros((3, 4), bool),
+                                                      reduction=reduction)
+  loss, grad = jax.value_and_grad(loss_fn)(src)
+  assert float(loss) == 0.0 and np.isfinite(grad).all()
+
+
 @pytest.mark.parametrize("tau", [0.1, 1.0])
 def test_infonce_matches_numpy(tau):
   src, goal, neg, valid = random_states(3)

@@ -9,6 +9,7 @@
   buffers, so its temp size is not what a GPU/TPU compile allocates. ``scripts/check_gpu.py``
   compares it with XLA:GPU's on a GPU (README, Memory levers and planning).
 """
+import json
 import os
 import re
 import subprocess
@@ -102,3 +103,20 @@ def test_plan_shrinks_with_remat_sharding_and_accumulation():
   one = memory.plan(tiny_config("paper"), (1, 1, 1))
   eight = memory.plan(tiny_config("paper"), (2, 2, 2))
   assert eight.params < one.params / 3 and eight.batch == one.batch // 4
+
+
+def test_plan_of_a_config_with_init_from_needs_only_the_architecture(tmp_path):
+  """``model.init_from`` gives the architecture; planning reads its config.json, no weights (the
+  folder here has none), and plans what the same architecture set in the config plans."""
+  config = tiny_config("paper")
+  hf = dict(model_type="llama", vocab_size=256, hidden_size=32, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+            rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True)
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(hf, f)
+  pretrained = tiny_config("paper")
+  for field in list(pretrained.model):
+    if field not in train.ARCH_EXEMPT:
+      setattr(pretrained.model, field, None)
+  pretrained.model.init_from = str(tmp_path)
+  assert memory.plan(pretrained, (2, 2, 2)) == memory.plan(config, (2, 2, 2))

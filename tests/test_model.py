@@ -55,7 +55,7 @@ def test_reward_reads_the_last_real_token_and_ignores_padding():
   r, h = m(tokens, mask)
   last = mask.sum(1) - 1
   want = np.asarray(h)[np.arange(4), last] @ np.asarray(m.head.kernel[...])[:, 0]
-  np.testing.assert_allclose(r, want, rtol=1e-5)
+  np.testing.assert_allclose(r, want, rtol=1e-5, atol=1e-7)  # a reward may be near 0
   garbage = np.where(mask == 1, tokens, 77)  # different pad ids: nothing changes
   np.testing.assert_allclose(m(garbage, mask)[0], r, rtol=1e-6)
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.core import spmd as flax_spmd
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {"none": None, "dots_saveable": jax.checkpoint_policies.dots_saveable,
@@ -203,12 +204,25 @@ class Block(nnx.Module):
     return x_BxPxD + self.mlp(self.mlp_norm(x_BxPxD).astype(self.dtype))
 
 
-@functools.lru_cache(maxsize=None)
 def jitted_init(factory, cfg: LlamaConfig):
-  """``factory(cfg, rngs=rngs)`` as one jitted function per (factory, config). Inside a traced
-  init it is inlined and changes nothing; called eagerly (``rmjax.train.create_state``), a
-  model's identical blocks share one compiled init instead of compiling every parameter's
-  random-number kernels, which took minutes on a GPU for 30 layers. Same numbers either way."""
+  """``factory(cfg, rngs=rngs)`` as one jitted function per (factory, config, logical axis rules,
+  mesh). Inside a traced init it is inlined and changes nothing; called eagerly
+  (``rmjax.train.create_state``), a model's identical blocks share one compiled init instead of
+  compiling every parameter's random-number kernels, which took minutes on a GPU for 30 layers.
+  Same numbers either way."""
+  # the parameters' shardings come from the active rules and mesh: both are part of the key
+  return _jitted_init(factory, cfg, _frozen(flax_spmd.get_logical_axis_rules()),
+                      jax.sharding.get_abstract_mesh())
+
+
+def _frozen(x):
+  """Lists (rules read back from JSON) as tuples, all the way down: hashable."""
+  return tuple(map(_frozen, x)) if isinstance(x, (list, tuple)) else x
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_init(factory, cfg: LlamaConfig, rules, mesh):
+  del rules, mesh  # cache key only
   return nnx.jit(lambda rngs: factory(cfg, rngs=rngs))
 
 
