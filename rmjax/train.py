@@ -20,8 +20,8 @@ from tqdm import tqdm
 from rmjax import convert, objective, sharding
 from rmjax.checkpoint import Checkpointer, write_json
 from rmjax.data import sources
-from rmjax.data.pipeline import eval_batches, train_dataset
-from rmjax.eval.metrics import preference_metrics
+from rmjax.data.pipeline import encode_pair, eval_batches, train_dataset
+from rmjax.eval.metrics import preference_metrics, unique_solutions
 from rmjax.models import LlamaConfig, RewardModel
 from rmjax.models.llama import RUN_ONLY_FIELDS
 
@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
   """AdamW (no decay on vectors), warmup + cosine schedule, global-norm clipping, and
-  ``apply_if_finite``: an update with a non-finite gradient is skipped (params untouched)."""
+  ``apply_if_finite``: an update with a non-finite gradient is skipped (params untouched), however
+  many in a row; ``train`` stops at ``optim.max_consecutive_nonfinite`` in a row."""
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, optim.lr, optim.warmup_steps, max(total_steps, optim.warmup_steps + 1),
       end_value=optim.lr * optim.final_lr_fraction)
@@ -40,7 +41,8 @@ def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
   tx = optax.chain(optax.clip_by_global_norm(optim.clip_norm),
                    optax.adamw(schedule, b1=optim.b1, b2=optim.b2,
                                weight_decay=optim.weight_decay, mask=decay_mask))
-  return optax.apply_if_finite(tx, max_consecutive_errors=optim.max_consecutive_nonfinite)
+  # optax applies the update after max_consecutive_errors skips (NaN params): never here
+  return optax.apply_if_finite(tx, max_consecutive_errors=np.iinfo(np.int32).max)
 
 
 # fields that are not architecture
@@ -133,6 +135,8 @@ def make_train_step(graphdef, terms, *, accum_steps: int, seed: int, trainable=n
   """``train_step(state, batch) -> (state, metrics)``: pure; randomness from (seed, step).
   Gradients flow to the ``trainable`` parameters only (``trainable_filter``); ``start_layer``:
   batches of cached features entering that block (``rmjax.loss_lab``)."""
+  if accum_steps < 1:
+    raise ValueError(f"train.accum_steps={accum_steps}: must be at least 1")
   base_key = jax.random.key(seed)
 
   def train_step(state, batch):
@@ -148,7 +152,12 @@ def make_train_step(graphdef, terms, *, accum_steps: int, seed: int, trainable=n
     if accum_steps == 1:
       (_, metrics), grads = grad_fn(params, batch, key)
     else:
-      # micro-batch a takes rows a, a+A, a+2A, ...: every device keeps an equal share
+      if batch["mask"].shape[0] % accum_steps:
+        raise ValueError(f"train.batch_size={batch['mask'].shape[0]} does not split into "
+                         f"train.accum_steps={accum_steps} equal micro-batches")
+      # micro-batch a takes rows a, a+A, a+2A, ...: every device keeps an equal share. Losses
+      # are averaged over micro-batches, each weighing the same (a term that averages over its
+      # valid samples, the contrastive one, is not reweighted by their number)
       micro = jax.tree.map(
           lambda x: jnp.swapaxes(x.reshape(-1, accum_steps, *x.shape[1:]), 0, 1), batch)
 
@@ -165,6 +174,7 @@ def make_train_step(graphdef, terms, *, accum_steps: int, seed: int, trainable=n
     metrics["skipped"] = (~jnp.isfinite(metrics["grad_norm"])).astype(jnp.int32)
     opt.update(model, grads)
     metrics["skipped_total"] = opt.opt_state.total_notfinite[...]
+    metrics["skipped_in_a_row"] = opt.opt_state.notfinite_count[...]
     return nnx.state({"model": model, "optimizer": opt}), metrics
 
   return train_step
@@ -179,8 +189,20 @@ def make_eval_step(graphdef, start_layer: int = 0):
   return eval_step
 
 
-def evaluate(eval_step, state, source, tokenizer, config, mesh, rules) -> dict[str, float]:
-  """Rewards of every held-out pair -> pairwise accuracy and AUROC of reward vs correctness."""
+def distinct_solutions(source, tokenizer, config) -> np.ndarray:
+  """Rows (pair i: 2i chosen, 2i + 1 rejected) of the distinct solutions of ``source``'s pairs, by
+  ``problem_id`` and tokens: a solution in several pairs counts once in the AUROC."""
+  examples = [source[i] for i in range(len(source))]
+  tokens = [encode_pair(ex, tokenizer, config.data.max_len, config.data.padding_side)["tokens"]
+            for ex in examples]
+  return unique_solutions(np.stack(tokens),
+                          np.repeat([ex.get("problem_id", i) for i, ex in enumerate(examples)], 2))
+
+
+def evaluate(eval_step, state, source, tokenizer, config, mesh, rules,
+             solutions=None) -> dict[str, float]:
+  """Rewards of every held-out pair -> pairwise accuracy, and AUROC of reward vs correctness over
+  the rows ``solutions`` (``distinct_solutions``; every row when None)."""
   chosen, rejected = [], []
   for batch, n_real in eval_batches(source, tokenizer, global_batch_size=config.train.batch_size,
                                     max_len=config.data.max_len,
@@ -188,7 +210,7 @@ def evaluate(eval_step, state, source, tokenizer, config, mesh, rules) -> dict[s
     r_c, r_r = eval_step(state, sharding.host_to_global(batch, mesh, rules))
     chosen.append(np.asarray(jax.device_get(r_c))[:n_real])
     rejected.append(np.asarray(jax.device_get(r_r))[:n_real])
-  return preference_metrics(np.concatenate(chosen), np.concatenate(rejected))
+  return preference_metrics(np.concatenate(chosen), np.concatenate(rejected), solutions)
 
 
 # --- metrics output ---
@@ -222,6 +244,9 @@ class MetricsWriter:
 
 def train(config, workdir: str) -> dict[str, float]:
   """Trains (or resumes the run in ``workdir``) to ``config.train.steps``; returns final eval."""
+  for field in ("log_every", "eval_every", "ckpt_every"):
+    if config.train[field] < 1:
+      raise ValueError(f"train.{field}={config.train[field]}: must be at least 1")
   os.makedirs(workdir, exist_ok=True)
   rules = tuple(tuple(r) for r in config.mesh.rules)
   mesh = sharding.make_mesh(tuple(config.mesh.shape), dcn_shape=config.mesh.get("dcn_shape"))
@@ -238,6 +263,7 @@ def train(config, workdir: str) -> dict[str, float]:
         seed=config.seed, padding_side=config.data.padding_side,
         **sources.pipeline_options(config)))
     eval_source = sources.make_source(config, "validation")
+    eval_solutions = distinct_solutions(eval_source, tokenizer, config)
 
     # --- model & optimiser (fresh, or restored with the data position) ---
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -258,7 +284,18 @@ def train(config, workdir: str) -> dict[str, float]:
     # --- loop ---
     writer = MetricsWriter(workdir)
     steps, cfg = config.train.steps, config.train
-    final = {}
+    limit = config.optim.max_consecutive_nonfinite
+
+    def check_finite(done, skipped_in_a_row):
+      """Stops before a checkpoint once too many updates in a row were skipped (non-finite)."""
+      if int(skipped_in_a_row) >= limit:
+        ckpt.wait()  # the last good checkpoint is complete
+        raise FloatingPointError(
+            f"step {done}: {int(skipped_in_a_row)} non-finite gradients in a row (updates "
+            f"skipped), optim.max_consecutive_nonfinite={limit}: training stopped; newest "
+            f"checkpoint: step {ckpt.manager.latest_step()}")
+
+    final, previous = {}, None
     t0 = time.perf_counter()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train",
                disable=jax.process_index() != 0)
@@ -266,20 +303,27 @@ def train(config, workdir: str) -> dict[str, float]:
       batch = sharding.host_to_global(next(data_iter), mesh, rules)
       state, metrics = train_step(state, batch)
       done = step + 1
+      if previous is not None:  # the previous step's count, read while this step runs
+        check_finite(*previous)
+      previous = done, metrics["skipped_in_a_row"]
       if done % cfg.log_every == 0 or done == steps:
         scalars = {f"train/{k}": v for k, v in jax.device_get(metrics).items()}
         scalars["train/steps_per_s"] = (done - start) / (time.perf_counter() - t0)
         writer.write(done, scalars)
         bar.set_postfix(loss=f"{scalars['train/loss']:.4f}",
                         acc=f"{scalars['train/pairwise_accuracy']:.3f}")
+      if done % cfg.eval_every == 0 or done % cfg.ckpt_every == 0 or done == steps:
+        check_finite(*previous)
       if done % cfg.eval_every == 0 or done == steps:
-        final = evaluate(eval_step, state, eval_source, tokenizer, config, mesh, rules)
+        final = evaluate(eval_step, state, eval_source, tokenizer, config, mesh, rules,
+                         eval_solutions)
         writer.write(done, {f"eval/{k}": v for k, v in final.items()})
         log.info("step %d eval %s", done, final)
       if done % cfg.ckpt_every == 0 or done == steps:
         ckpt.save(done, state, data_iter)
     if start >= steps and not final:  # already finished: report eval of the final state
-      final = evaluate(eval_step, state, eval_source, tokenizer, config, mesh, rules)
+      final = evaluate(eval_step, state, eval_source, tokenizer, config, mesh, rules,
+                       eval_solutions)
     ckpt.wait()
     ckpt.close()
     writer.close()

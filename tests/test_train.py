@@ -9,6 +9,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from rmjax import objective, sharding, train
@@ -102,22 +103,27 @@ def test_gradient_accumulation_matches_one_big_batch(mesh1):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=0.01 * config.optim.lr)
 
 
-def test_non_finite_update_is_skipped_and_counted(mesh1):
+def test_non_finite_updates_are_skipped_however_many_in_a_row(mesh1):
+  """Skipped and counted, the streak too; optax's own apply_if_finite would apply the NaN update
+  after max_consecutive_errors skips, the optimiser never does (the loop stops on the streak)."""
   config = tiny_config("paper")
   config.optim.warmup_steps = 0  # a warmup would make the first real step's lr 0
+  config.optim.max_consecutive_nonfinite = 2
   graphdef, state = train.create_state(config)
   step_fn = jax.jit(train.make_train_step(graphdef, objective.build_terms(config.loss),
                                           accum_steps=1, seed=0))
   good = pair_batch(8, max_len=config.data.max_len)
   bad = {**good, "margin": np.full(8, np.nan, np.float32)}
   before = jax.device_get(state["model"])
-  state, m = step_fn(state, sharding.host_to_global(bad, mesh1))
-  assert not np.isfinite(m["loss"]) and int(m["skipped"]) == 1 and int(m["skipped_total"]) == 1
+  for n in range(1, 4):
+    state, m = step_fn(state, sharding.host_to_global(bad, mesh1))
+    assert not np.isfinite(m["loss"]) and int(m["skipped"]) == 1
+    assert int(m["skipped_total"]) == int(m["skipped_in_a_row"]) == n
   after = jax.device_get(state["model"])
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
     np.testing.assert_array_equal(a, b)
   state, m = step_fn(state, sharding.host_to_global(good, mesh1))
-  assert int(m["skipped"]) == 0 and int(m["skipped_total"]) == 1
+  assert int(m["skipped"]) == int(m["skipped_in_a_row"]) == 0 and int(m["skipped_total"]) == 3
   moved = jax.device_get(state["model"])
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after),
                                                       jax.tree.leaves(moved)))
@@ -176,3 +182,87 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
   code, _, err = run_main(tmp_path / "x", "--config.loss.betta=0.1")
   assert code != 0
   assert "betta" in err
+
+
+@pytest.mark.slow  # ~25 s: compiles the trainer's step on 8 devices
+def test_too_many_non_finite_steps_stop_training_before_a_checkpoint(tmp_path):
+  config = tiny_config("bt", steps=6, ckpt_every=1, eval_every=1000, async_checkpointing=False)
+  config.loss.bt_weight = float("nan")  # every gradient is NaN
+  config.optim.max_consecutive_nonfinite = 2
+  with pytest.raises(FloatingPointError, match=r"step 2: .*optim.max_consecutive_nonfinite=2"):
+    train.train(config, str(tmp_path))
+  assert os.listdir(tmp_path / "checkpoints") == ["1"]  # saved before the streak reached 2
+  step, params = final_params(tmp_path, config)
+  assert step == 1 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_restore_with_a_changed_config_renames_nothing_and_says_why(tmp_path, mesh1):
+  config = tiny_config("bt")
+  _, state = train.create_state(config)
+  data_iter = iter(train_dataset(
+      sources.make_source(config, "train"), sources.make_tokenizer(config),
+      global_batch_size=config.train.batch_size, max_len=config.data.max_len, seed=0))
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+  for step in (2, 4):
+    ckpt.save(step, state, data_iter)
+  config.model.num_layers = 2  # resumed with another architecture
+  _, abstract = train.abstract_state(config, mesh1)
+  with pytest.raises(RuntimeError, match="none of the 2 checkpoints restores") as e:
+    ckpt.restore_latest(abstract, data_iter)
+  assert "step 4" in str(e.value) and str(tmp_path) in str(e.value)
+  assert "config" in str(e.value)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+  config.model.num_layers = 1  # the run's config, and a broken newest: set aside, older used
+  _, abstract = train.abstract_state(config, mesh1)
+  for root, _, files in os.walk(tmp_path / "checkpoints" / "4" / "state"):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  assert ckpt.restore_latest(abstract, data_iter)[0] == 2
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4.corrupt-0"]
+  ckpt.close()
+
+
+def test_config_json_refuses_another_architecture(tmp_path):
+  from rmjax.main import save_config
+  config = tiny_config("bt")
+  save_config(config, str(tmp_path))
+  config.model.remat, config.train.steps = "full", 99  # not the architecture: written
+  save_config(config, str(tmp_path))
+  config.model.num_layers, config.model.dim = 2, 48
+  with pytest.raises(ValueError, match=r"model.dim=48 \(config.json: 32\), "
+                                       r"model.num_layers=2 \(config.json: 1\)"):
+    save_config(config, str(tmp_path))
+  with open(tmp_path / "config.json") as f:
+    saved = json.load(f)
+  assert saved["model"]["num_layers"] == 1 and saved["model"]["remat"] == "full"
+  assert saved["train"]["steps"] == 99
+
+
+def test_bad_accum_steps_and_intervals_are_clear_errors(tmp_path, mesh1):
+  config = tiny_config("bt")
+  graphdef, state = train.create_state(config)
+  terms = objective.build_terms(config.loss)
+  with pytest.raises(ValueError, match="train.accum_steps=0"):
+    train.make_train_step(graphdef, terms, accum_steps=0, seed=0)
+  step_fn = train.make_train_step(graphdef, terms, accum_steps=3, seed=0)
+  batch = sharding.host_to_global(pair_batch(8, max_len=config.data.max_len), mesh1)
+  with pytest.raises(ValueError, match=r"train.batch_size=8 .* train.accum_steps=3"):
+    jax.eval_shape(step_fn, state, batch)
+  for field in ("log_every", "eval_every", "ckpt_every"):
+    with pytest.raises(ValueError, match=f"train.{field}=0"):
+      train.train(tiny_config("bt", **{field: 0}), str(tmp_path))
+
+
+def test_create_state_follows_the_active_logical_rules():
+  """Two models of one config under different rules: each gets its rules' shardings (the blocks'
+  shared jitted init is per rules and mesh)."""
+  config = tiny_config("bt")
+  mesh = sharding.make_mesh((2, 2, 2), jax.devices()[:8])
+  no_mlp = tuple((k, None if k == "mlp" else v) for k, v in sharding.DEFAULT_RULES)
+  for rules in (sharding.DEFAULT_RULES, no_mlp):
+    with sharding.use_mesh(mesh, rules):
+      graphdef, state = train.create_state(config)
+    gate = state["model"]["backbone"]["layers"][0]["mlp"]["gate"]["kernel"][...]
+    want = jax.sharding.NamedSharding(mesh, sharding.logical_spec(("embed", "mlp"), rules))
+    assert gate.sharding.is_equivalent_to(want, 2), (rules, gate.sharding.spec)
