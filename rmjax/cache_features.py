@@ -12,13 +12,16 @@ parameters from block ``layer`` up (and the head), which the lab trains, and ``m
 
 Layout: ``OUT/meta.json``, ``OUT/top_params.npz``, ``OUT/<split>/<shard:05d>/<field>.npy``. Each
 shard is written to a temporary folder and renamed when complete: a killed run resumes at the
-first missing shard and never leaves a partial one. The disk size is printed before it starts.
+first missing shard and never leaves a partial one; it refuses a cache of another layer, model
+(architecture or weights: ``meta["weights_sha256"]``), data or tokenizer. The disk size is printed
+before it starts.
 
 # N: pairs, L: sequence length, D: model dim
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -39,6 +42,8 @@ from rmjax.models.llama import RUN_ONLY_FIELDS
 
 FIELDS = ("features", "tokens", "mask", "response", "margin", "problem_id")
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+# data.* fields that do not change a split's examples (synthetic sizes: example i is the same)
+DATA_EXEMPT = (*sources.PIPELINE_DEFAULTS, "train_size", "eval_size", "tfds_dir")
 
 
 def top_param_paths(flat_params: dict, layer: int) -> list[str]:
@@ -50,6 +55,16 @@ def top_param_paths(flat_params: dict, layer: int) -> list[str]:
     return (parts[0] == "head" or (layer < num_layers and parts[1] == "final_norm")
             or (parts[1] == "layers" and int(parts[2]) >= layer))
   return [p for p in flat_params if keep(p)]
+
+
+def weights_sha256(flat_params: dict) -> str:
+  """A hash of every parameter's path, dtype, shape and bytes: which weights made the states."""
+  h = hashlib.sha256()
+  for path in sorted(flat_params):
+    x = np.ascontiguousarray(jax.device_get(flat_params[path]))
+    h.update(f"{path}:{x.dtype}:{x.shape};".encode())
+    h.update(x.tobytes())
+  return h.hexdigest()
 
 
 class FeatureSource:
@@ -118,22 +133,28 @@ def cache(config, model, layer: int, out: str, splits=("train", "validation"), *
   print(f"cache_features: {counts} pairs x 2 x {max_len} tokens x {cfg.dim} dims ({dtype}) "
         f"= {total / 2**30:.2f} GiB in {out}", flush=True)
   os.makedirs(out, exist_ok=True)
+  flat = {"/".join(map(str, p)): v[...]
+          for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  data = {k: v for k, v in config.data.to_dict().items() if k not in DATA_EXEMPT}
   meta = {"layer": layer, "max_len": max_len, "dtype": dtype, "shard_size": batch_size,
-          "splits": counts, "model": dataclasses.asdict(cfg), "config": config.to_dict()}
+          "splits": counts, "model": dataclasses.asdict(cfg),
+          "weights_sha256": weights_sha256(flat), "data": data, "config": config.to_dict()}
   meta_path = os.path.join(out, "meta.json")
   if os.path.exists(meta_path):
     with open(meta_path) as f:
       old = json.load(f)
-    same = ("layer", "max_len", "dtype", "shard_size", "model")  # split sizes may change
-    # how the backbone runs (remat, scan, attention kernel) does not change its states
+    # split sizes may change; how the backbone runs (remat, scan, attention kernel) does not
+    # change its states
+    same = ("layer", "max_len", "dtype", "shard_size", "model", "weights_sha256", "data")
     key = lambda m: {k: ({f: v for f, v in m[k].items() if f not in RUN_ONLY_FIELDS}
-                         if k == "model" else m[k]) for k in same}
-    if key(old) != key(meta):
-      raise ValueError(f"{out}: holds a cache made with other settings; use another --out")
+                         if k == "model" else m.get(k)) for k in same}
+    new = json.loads(json.dumps(key(meta), default=str))  # as meta.json stores it
+    differ = sorted(k for k in same if key(old)[k] != new[k])
+    if differ:
+      raise ValueError(f"{out}: holds a cache made with other settings ({', '.join(differ)} "
+                       "differ); use another --out")
   write_json(meta_path, meta, default=str)
 
-  flat = {"/".join(map(str, p)): v[...]
-          for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   np.savez(os.path.join(out, "top_params.tmp.npz"),
            **{p: np.asarray(jax.device_get(flat[p])) for p in top_param_paths(flat, layer)})
   os.replace(os.path.join(out, "top_params.tmp.npz"), os.path.join(out, "top_params.npz"))
@@ -157,7 +178,8 @@ def cache(config, model, layer: int, out: str, splits=("train", "validation"), *
         tokens, mask = (sharding.host_to_global({"x": x}, mesh)["x"] for x in (tokens, mask))
       x = np.asarray(jax.device_get(features(tokens, mask)), np.float32)
       arrays = {"features": x.reshape(b, 2, l, -1).astype(DTYPES[dtype]),
-                "tokens": batch["tokens"], "mask": batch["mask"], "response": batch["response"], "margin": batch["margin"],
+                "tokens": batch["tokens"], "mask": batch["mask"], "response": batch["response"],
+                "margin": batch["margin"],
                 "problem_id": np.asarray([_problem(subset, s * batch_size + i)
                                           for i in range(b)], np.int64)}
       tmp = folder + ".tmp"

@@ -1,6 +1,7 @@
 """TFDS builders on the real files, dataset dispatch from config, and the grain training pipeline:
 per-host sharding, exact resume, length buckets. HH-RLHF text is never printed."""
 import json
+import threading
 from pathlib import Path
 
 import grain
@@ -146,6 +147,43 @@ def test_buckets_trim_only_padding_and_bound_compiled_shapes():
       assert not full["mask"][..., length:].any()
     step(cut)
   assert step._cache_size() <= 3  # one compilation per bucket, not per step
+
+
+def test_processes_agree_on_each_bucketed_batch_length(monkeypatch):
+  """Two simulated processes (threads) with buckets build one global shape each step: the global
+  batch of one process, with the same buckets."""
+  from rmjax.data import pipeline
+  barrier, local = threading.Barrier(2, timeout=10), {}
+
+  def process_max(value):  # the allgather of the two processes' values
+    local[threading.current_thread().name] = value
+    barrier.wait()
+    longest = max(local.values())
+    barrier.wait()  # both read before the next step writes
+    return longest
+
+  monkeypatch.setattr(pipeline, "process_max", process_max)
+  src, tok = SyntheticMath(64, seed=4, max_steps=5), ByteTokenizer()
+  make = lambda shard, count: iter(train_dataset(
+      src, tok, global_batch_size=8, max_len=72, seed=0, buckets=(40, 56), padding_side="left",
+      shard_options=grain.sharding.ShardOptions(shard, count, drop_remainder=True)))
+  got = {}
+
+  def run(process):
+    it = make(process, 2)
+    got[process] = [next(it) for _ in range(16)]
+
+  threads = [threading.Thread(target=run, args=(i,), name=str(i)) for i in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  monkeypatch.undo()  # one process: no agreement needed
+  one = make(0, 1)
+  for a, b in zip(got[0], got[1]):
+    want = next(one)
+    for k in want:
+      np.testing.assert_array_equal(np.concatenate([a[k], b[k]]), want[k])
 
 
 def test_sorted_windows_cut_padding():

@@ -121,6 +121,42 @@ def test_import_onto_8_devices_matches_one(tmp_path, mesh1):
   np.testing.assert_allclose(h8, h1, atol=1e-5)
 
 
+def test_qwen2_sliding_window_import_and_export(tmp_path, mesh1):
+  ref = save_tiny("qwen2", tmp_path / "all", use_sliding_window=True, sliding_window=3,
+                  max_window_layers=0, layer_types=["sliding_attention"] * 2)
+  tokens, mask = padded_batch()  # 12 tokens: the window of 3 matters
+  model, reward, h = rmjax_forward(tmp_path / "all", mesh1, tokens, mask)
+  real = mask.astype(bool)
+  np.testing.assert_allclose(h[real], torch_hidden(ref, tokens, mask)[real], atol=1e-4, rtol=1e-4)
+  export_reward_model(model, tmp_path / "out", tokenizer=None)  # HF windows every layer too
+  back = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+  pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+  with torch.no_grad():
+    exported = back(input_ids=torch.tensor(tokens, dtype=torch.long),
+                    attention_mask=torch.tensor(mask),
+                    position_ids=torch.tensor(pos, dtype=torch.long)).logits[:, 0].numpy()
+  np.testing.assert_allclose(exported, reward, atol=1e-4, rtol=1e-4)
+  # HF windows only layers >= max_window_layers: layer 1 of 2 here, which rmjax cannot
+  save_tiny("qwen2", tmp_path / "top", use_sliding_window=True, sliding_window=3,
+            max_window_layers=1, layer_types=["full_attention", "sliding_attention"])
+  with pytest.raises(ValueError, match=r"top/config.json: qwen2 sliding window on layers \[1\] "
+                     "of 2 only"):
+    pretrained_config(str(tmp_path / "top"))
+
+
+def test_unused_checkpoint_tensors_are_an_error(tmp_path, mesh1):
+  save_tiny("llama", tmp_path, attention_bias=True)  # biases on q, k, v and o
+  with pytest.raises(ValueError, match=r"config.json: model_type='llama' with attention_bias=True "
+                     "is not supported"):
+    pretrained_config(str(tmp_path))
+  config = json.loads((tmp_path / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps({**config, "attention_bias": False}))
+  cfg = pretrained_config(str(tmp_path))
+  with pytest.raises(ValueError, match=r"tensors \['model.layers.0.self_attn.k_proj.bias', .*"
+                     r"\(8 in all\) have no place in rmjax's model"):
+    load_reward_model(str(tmp_path), cfg, mesh1)
+
+
 def test_shape_mismatch_is_a_clear_error(tmp_path, mesh1):
   save_tiny("llama", tmp_path)
   cfg = pretrained_config(str(tmp_path), mlp_dim=64)

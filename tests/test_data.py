@@ -4,6 +4,7 @@ import re
 import numpy as np
 import pytest
 
+from configs import synthetic
 from rmjax.data.pipeline import encode_pair, encode_sequence, eval_batches, train_dataset
 from rmjax.data.synthetic import SyntheticMath
 from rmjax.data.tokenizer import ByteTokenizer
@@ -42,10 +43,23 @@ def test_synthetic_rejected_slips_at_the_recorded_step(kinds):
 def test_synthetic_is_deterministic_and_splits_differ():
   a, b = SyntheticMath(50, "train", seed=1), SyntheticMath(50, "train", seed=1)
   assert [a[i] for i in range(50)] == [b[i] for i in range(50)]
-  val = SyntheticMath(50, "validation", seed=1)
-  assert len({a[i]["prompt"] for i in range(50)} & {val[i]["prompt"] for i in range(50)}) < 5
   with pytest.raises(IndexError):
     a[50]
+
+
+def test_synthetic_splits_share_no_problem():
+  d = synthetic.get_config().data  # the demo's problem space; 1/4 of its training pairs
+  make = lambda split, n: SyntheticMath(n, split, seed=d.seed, min_steps=d.min_steps,
+                                        max_steps=d.max_steps, max_value=d.max_value)
+  prompts = {}
+  for split, n in (("train", d.train_size // 4), ("validation", d.eval_size), ("test", 256)):
+    examples = list(make(split, n))
+    prompts[split] = {ex["prompt"] for ex in examples}
+    ids = {}  # problem_id: one per problem (prompt), what the by-problem bootstrap groups by
+    assert all(ids.setdefault(ex["problem_id"], ex["prompt"]) == ex["prompt"] for ex in examples)
+    assert len(ids) == len(prompts[split])
+  assert not prompts["train"] & prompts["validation"]
+  assert not prompts["train"] & prompts["test"] and not prompts["validation"] & prompts["test"]
 
 
 def test_encode_pair_masks_and_padding_sides():
@@ -96,3 +110,41 @@ def test_eval_batches_cover_each_example_once():
   got = [(b["tokens"].shape[0], n) for b, n in eval_batches(src, tok, global_batch_size=4,
                                                             max_len=48)]
   assert got == [(4, 4), (4, 4), (4, 2)]
+
+
+def random_model(config, seed=0):
+  """A ``RewardModel`` of ``config`` with N(0, 0.1) weights, built without compiling its init."""
+  import jax
+  from flax import nnx
+
+  from rmjax import train
+  from rmjax.models import RewardModel
+  rng = np.random.default_rng(seed)
+  abstract = nnx.eval_shape(lambda: RewardModel(train.model_config(config), rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  state = jax.tree.map(lambda x: jax.numpy.asarray(0.1 * rng.normal(size=x.shape), x.dtype),
+                       state)
+  return nnx.merge(graphdef, state)
+
+
+def test_feature_cache_refuses_other_weights_or_data(tmp_path, mesh1):
+  from rmjax import cache_features
+  from tests.helpers import tiny_config
+  config = tiny_config("bt")
+  model = random_model(config)
+  out = str(tmp_path / "features")
+  cache = lambda c: cache_features.cache(c, model, 1, out, ("validation",), limit=8, batch_size=8)
+  cache(config)
+  top = (tmp_path / "features" / "top_params.npz").read_bytes()
+  other = tiny_config("bt")
+  other.data.padding_side = "left"
+  with pytest.raises(ValueError, match=r"other settings \(data differ\)"):
+    cache(other)
+  embedding = model.backbone.embed.embedding
+  trained = embedding[...]
+  embedding[...] = trained.at[3, 0].add(1e-3)  # another checkpoint: one weight differs
+  with pytest.raises(ValueError, match=r"other settings \(weights_sha256 differ\)"):
+    cache(config)
+  assert (tmp_path / "features" / "top_params.npz").read_bytes() == top
+  embedding[...] = trained
+  cache(config)  # the same model and data resume

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from rmjax.data import readers
+from rmjax.data.pipeline import encode_pair
 from rmjax.data.tokenizer import ByteTokenizer, load_tokenizer, smollm2_gguf
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -41,6 +42,9 @@ PAIR = json.dumps({"prompt": "Q", "chosen": "a", "rejected": "b"})
     ('{"chosen": [{"role": "user", "content": "hi"}, {"role": "user", "content": "a"}], '
      '"rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "y"}]}',
      "the last turn must be a non-empty 'assistant' turn"),
+    ('{"prompt": "2+2?", "chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", '
+     '"content": "4"}], "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", '
+     '"content": "5"}]}', "field 'prompt' should be a list of messages when 'chosen' is one"),
 ])
 def test_bad_line_names_path_and_line(tmp_path, line, message):
   path = write(tmp_path / "pairs.jsonl", [PAIR, "", line])  # the bad record is on line 3
@@ -87,6 +91,22 @@ def test_json_array_errors_name_the_item_line(tmp_path):
   assert summary == {"skipped: tie": 1} and pairs[0]["prompt"].endswith("Question: q\nAnswer:")
   ties, _ = readers.finegrained_qa(str(path), keep_ties=True)
   assert [p["label"] for p in ties] == [1.0, 1.0, 0.5, 1.0, 1.0, 1.0]
+
+
+def test_pairs_of_one_question_or_dialogue_share_a_problem_id(tmp_path):
+  item = {"question": "q", "passages": [["T", "s."]], "preference": [1, 2, 1, 1, 1, 2],
+          **{f"prediction {k}": f"answer {k}" for k in range(1, 5)}}
+  path = tmp_path / "fg.json"
+  path.write_text(json.dumps([item, dict(item, question="r")]))
+  pairs, _ = readers.finegrained_qa(str(path))
+  assert [p["problem_id"] for p in pairs] == [0] * 6 + [1] * 6  # the question, as the bootstrap
+  hi = "\n\nHuman: hi\n\nAssistant:"
+  lines = [json.dumps({"chosen": hi + c, "rejected": hi + r})
+           for c, r in [(" a", " b"), (" c", " d")]]
+  lines.insert(1, json.dumps({"chosen": "\n\nHuman: yo\n\nAssistant: e", "rejected":
+                              "\n\nHuman: yo\n\nAssistant: f"}))
+  pairs, _ = readers.hh_rlhf(write(tmp_path / "hh.jsonl", lines))
+  assert [p["problem_id"] for p in pairs] == [0, 1, 0]  # one id per dialogue (prompt)
 
 
 def test_preference_jsonl_text_and_chat(tmp_path):
@@ -202,6 +222,18 @@ def test_hf_tokenizer_bos_eos_and_chat_template(tmp_path):
                                                    list(b" hi there"))
   with pytest.raises(FileNotFoundError, match="no such folder or .gguf file"):
     load_tokenizer(str(tmp_path / "missing.gguf"))
+
+
+def test_left_cut_keeps_bos(tmp_path):
+  tok = load_tokenizer(tiny_hf_tokenizer(tmp_path / "tok", None))
+  ex = {"prompt": "hello world hello world hi", "chosen": "there", "rejected": "hi there hi there",
+        "id": "x"}
+  # [<s> hello world hello world hi] + [there </s>], 4 tokens: <s>, the prompt's end, response
+  p = encode_pair(ex, tok, 4, "left")
+  assert p["tokens"][0].tolist() == [1, 9, 10, 2] and p["response"][0].tolist() == [0, 0, 1, 1]
+  # a 5-token response: <s>, then its head and its final EOS
+  assert p["tokens"][1].tolist() == [1, 9, 10, 2] and p["response"][1].tolist() == [0, 1, 1, 1]
+  assert p["truncated"].tolist() == [4, 5 + 2]  # prompt tokens cut; 5 prompt + 2 response
 
 
 @pytest.mark.skipif(not smollm2_gguf(), reason="SmolLM2 GGUF not installed "

@@ -31,7 +31,10 @@ def pretrained_config(path: str, **overrides) -> LlamaConfig:
   if is_gguf(path):
     return gguf_lib.config_from_gguf(gguf_lib.open_gguf(path), **overrides)
   if os.path.isdir(path):
-    return hf.config_from_hf(hf.read_hf_config(path), **overrides)
+    try:
+      return hf.config_from_hf(hf.read_hf_config(path), **overrides)
+    except ValueError as e:
+      raise ValueError(f"{os.path.join(path, 'config.json')}: {e}") from None
   raise FileNotFoundError(f"{path}: expected a Hugging Face model folder or a .gguf file")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -15,6 +16,8 @@ import numpy as np
 from rmjax.models import LlamaConfig
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
+# tensors a reward model does not use: the LM head, rotary buffers of old checkpoints
+UNUSED_OK = (re.compile(r"lm_head\.weight"), re.compile(r".*\.rotary_emb\.inv_freq"))
 
 
 def _rope_fields(hf: dict) -> dict:
@@ -41,20 +44,41 @@ def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
   if arch not in ARCHITECTURES:
     raise ValueError(f"model_type={arch!r} is not supported; expected one of {ARCHITECTURES}")
   heads = hf["num_attention_heads"]
-  window = 0
-  if arch == "mistral" or (arch == "qwen2" and hf.get("use_sliding_window")):
-    window = hf.get("sliding_window") or 0
+  window = (hf.get("sliding_window") or 0) if arch == "mistral" else _qwen2_window(hf)
   if hf.get("mlp_bias"):
     raise ValueError("mlp_bias=True is not supported")
+  if arch != "qwen2" and hf.get("attention_bias"):
+    raise ValueError(f"model_type={arch!r} with attention_bias=True is not supported: it adds a "
+                     "bias to the attention output projection (o_proj), which rmjax lacks")
   fields = dict(
       vocab_size=hf["vocab_size"], dim=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
       num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
       head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, mlp_dim=hf["intermediate_size"],
-      norm_eps=hf["rms_norm_eps"], qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias")),
+      norm_eps=hf["rms_norm_eps"], qkv_bias=arch == "qwen2",
       tie_embeddings=bool(hf.get("tie_word_embeddings", arch != "mistral")),
       sliding_window=int(window), **_rope_fields(hf))
   fields.update(overrides)
   return LlamaConfig(**fields)
+
+
+def _qwen2_window(hf: dict) -> int:
+  """Qwen2's sliding window, which rmjax applies to every layer; 0 when there is none.
+
+  HF gives layer ``i`` the window when ``layer_types[i] == "sliding_attention"``, by default when
+  ``use_sliding_window`` and ``i >= max_window_layers``: only all or none are supported."""
+  if not hf.get("use_sliding_window") or not hf.get("sliding_window"):
+    return 0
+  n = hf["num_hidden_layers"]
+  types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28)
+                                    else "full_attention" for i in range(n)]
+  sliding = [t == "sliding_attention" for t in types]
+  if all(sliding):
+    return int(hf["sliding_window"])
+  if any(sliding):
+    raise ValueError(f"qwen2 sliding window on layers {[i for i, s in enumerate(sliding) if s]} "
+                     f"of {n} only (use_sliding_window, max_window_layers="
+                     f"{hf.get('max_window_layers')}): rmjax windows all layers or none")
+  return 0
 
 
 def rmjax_to_hf_names(cfg: LlamaConfig) -> dict[str, tuple[str, bool]]:
@@ -104,6 +128,10 @@ class SafetensorsReader:
   def __contains__(self, name: str) -> bool:
     return name in self._where
 
+  @property
+  def names(self) -> list[str]:
+    return list(self._where)
+
   def shape(self, name: str) -> tuple[int, ...]:
     return tuple(self._slice(name).get_shape())
 
@@ -132,6 +160,11 @@ def hf_tensor_getters(folder: str, cfg: LlamaConfig
   names = rmjax_to_hf_names(cfg)
   if HEAD[1][0] in reader:
     names[HEAD[0]] = HEAD[1]
+  unused = sorted(set(reader.names) - {name for name, _ in names.values()}
+                  - {n for n in reader.names if any(p.fullmatch(n) for p in UNUSED_OK)})
+  if unused:
+    raise ValueError(f"{folder}: tensors {unused[:5]} ({len(unused)} in all) have no place in "
+                     f"rmjax's model; does config.json match the checkpoint?")
   getters = {}
   for path, (name, transposed) in names.items():
     shape = reader.shape(name)
@@ -163,10 +196,15 @@ def hf_config_dict(cfg: LlamaConfig, pad_token_id: int) -> dict:
       "rope_scaling": None if cfg.rope_type == "default" else rope,
       "max_position_embeddings": max(32768, cfg.rope_original_max_positions),
       "tie_word_embeddings": False, "num_labels": 1, "pad_token_id": pad_token_id,
-      "id2label": {"0": "reward"}, "label2id": {"reward": 0}, 
+      "id2label": {"0": "reward"}, "label2id": {"reward": 0},
   }
   if arch == "mistral":
     out["sliding_window"] = cfg.sliding_window
+  if arch == "qwen2":  # HF windows layers >= max_window_layers: here every layer, or none
+    out.update(use_sliding_window=bool(cfg.sliding_window),
+               sliding_window=cfg.sliding_window or None, max_window_layers=0,
+               layer_types=[("sliding_attention" if cfg.sliding_window else "full_attention")
+                            for _ in range(cfg.num_layers)])
   if arch == "llama":
     out["attention_bias"] = False
   return out

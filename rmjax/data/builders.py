@@ -100,10 +100,12 @@ class Gsm8kPerturbed(_Builder):
 class HhRlhf(_Builder):
   """Anthropic HH-RLHF (harmless-base test file): shared dialogue prefix + final responses."""
   SOURCE, GROUP = "hh-rlhf/harmless-base-test.jsonl.gz", "prompt"
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "problem_id: the dialogue (prompt) number"}
 
   def _info(self):
     return self.dataset_info_from_configs(features=_features(
-        id=text, prompt=text, chosen=text, rejected=text))
+        id=text, problem_id=int32, prompt=text, chosen=text, rejected=text))
 
   def _read(self, path):
     return readers.hh_rlhf(path)
@@ -112,13 +114,16 @@ class HhRlhf(_Builder):
 class FinegrainedQa(_Builder):
   """FineGrainedRLHF long-form QA: pairs from the 6 human judgements per question."""
   SOURCE, GROUP = "finegrained-qa/dev_feedback.json", "question_id"
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "problem_id (= question_id) for the by-problem bootstrap"}
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(name="decisive", description="ties dropped; label 1.0"),
       tfds.core.BuilderConfig(name="with_ties", description="ties kept with label 0.5")]
 
   def _info(self):
     return self.dataset_info_from_configs(features=_features(
-        id=text, question_id=int32, prompt=text, chosen=text, rejected=text, label=float32))
+        id=text, question_id=int32, problem_id=int32, prompt=text, chosen=text, rejected=text,
+        label=float32))
 
   def _read(self, path):
     return readers.finegrained_qa(path, keep_ties=self.builder_config.name == "with_ties")

@@ -8,12 +8,14 @@ chosen (index 0) and rejected (index 1) sequences on the same device:
   margin    f32   [B]        Bradley-Terry margin (0 unless the source gives one)
   truncated int32 [B, 2]     tokens cut to fit max_len (0 for most rows)
 
-Truncation: an over-long pair loses the left end of its prompt; a response longer than max_len on
-its own keeps its first max_len - 1 tokens and its final one (the EOS the reward reads), as the
-official code forces EOS. Every cut is counted in ``truncated`` and by ``length_report``.
+Truncation: an over-long pair loses the left end of its prompt, after the tokenizer's prefix (BOS),
+which is kept; a response longer than max_len on its own keeps its first tokens and its final one
+(the EOS the reward reads), as the official code forces EOS. Every cut is counted in
+``truncated`` and by ``length_report``.
 
 Length bucketing (``buckets``): each training batch is trimmed to the smallest bucket length that
-holds its longest row, so the train step compiles once per bucket (a handful of shapes), and
+holds its longest row (over all processes' shares of the global batch, which must agree on a
+shape), so the train step compiles once per bucket (a handful of shapes), and
 ``sort_window`` batches at a time are sorted by length before being cut into batches (whose order
 is then shuffled), so a batch holds rows of similar length and little padding.
 """
@@ -23,27 +25,40 @@ import json
 
 import grain
 import jax
-from absl import flags
 import numpy as np
+from absl import flags
+from jax.experimental import multihost_utils
 
 FIELDS = ("tokens", "mask", "response", "margin", "truncated")
 
 
-def fit(n_prompt: int, n_response: int, max_len: int) -> tuple[int, int]:
-  """Tokens to cut ``(from the prompt's left end, from the response's middle)``."""
-  response_cut = max(0, n_response - max_len)
-  return min(n_prompt, max(0, n_prompt + n_response - response_cut - max_len)), response_cut
+def fit(n_prompt: int, n_response: int, max_len: int, keep: int = 0) -> tuple[int, int]:
+  """Tokens to cut ``(from the prompt's left end after its first keep, from the response's
+  middle)``; ``keep`` leading prompt tokens (the tokenizer's prefix) are never cut."""
+  keep = min(keep, n_prompt, max_len - 1)
+  response_cut = max(0, n_response - (max_len - keep))
+  prompt_cut = min(n_prompt - keep, max(0, n_prompt + n_response - response_cut - max_len))
+  return prompt_cut, response_cut
+
+
+def kept_prefix(tokenizer, prompt_ids: list[int]) -> int:
+  """How many leading prompt tokens a cut keeps: the tokenizer's prefix (BOS), when present."""
+  prefix = list(getattr(tokenizer, "prefix_ids", ()))
+  return len(prefix) if prompt_ids[:len(prefix)] == prefix else 0
 
 
 def encode_sequence(prompt_ids: list[int], response_ids: list[int], max_len: int, pad_id: int,
-                    padding_side: str = "right") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """One padded row: (tokens_L, mask_L, response_L), cut to max_len as the module says."""
+                    padding_side: str = "right", keep: int = 0
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """One padded row: (tokens_L, mask_L, response_L), cut to max_len as the module says;
+  ``keep``: leading prompt tokens never cut (``kept_prefix``)."""
   if not response_ids:
     raise ValueError("empty response")
-  prompt_cut, response_cut = fit(len(prompt_ids), len(response_ids), max_len)
+  keep = min(keep, len(prompt_ids), max_len - 1)
+  prompt_cut, response_cut = fit(len(prompt_ids), len(response_ids), max_len, keep)
   if response_cut:
-    response_ids = response_ids[:max_len - 1] + response_ids[-1:]
-  prompt_ids = prompt_ids[prompt_cut:]
+    response_ids = response_ids[:max_len - keep - 1] + response_ids[-1:]
+  prompt_ids = prompt_ids[:keep] + prompt_ids[keep + prompt_cut:]
   ids = prompt_ids + response_ids
   resp = [0] * len(prompt_ids) + [1] * len(response_ids)
   pad = max_len - len(ids)
@@ -70,11 +85,12 @@ def encode_pair(example: dict, tokenizer, max_len: int, padding_side: str = "rig
   for side in ("chosen", "rejected"):
     try:
       prompt_ids, response_ids = encode_texts(example, side, tokenizer)
+      keep = kept_prefix(tokenizer, prompt_ids)
       rows.append(encode_sequence(prompt_ids, response_ids, max_len, tokenizer.pad_id,
-                                  padding_side))
+                                  padding_side, keep))
     except ValueError as e:
       raise ValueError(f"example {example.get('id', '?')}: field {side!r}: {e}") from None
-    truncated.append(sum(fit(len(prompt_ids), len(response_ids), max_len)))
+    truncated.append(sum(fit(len(prompt_ids), len(response_ids), max_len, keep)))
   tokens, mask, response = (np.stack(x) for x in zip(*rows))
   return {"tokens": tokens, "mask": mask, "response": response,
           "margin": np.float32(example.get("margin", 0.0)),
@@ -87,14 +103,32 @@ def trim(batch: dict, length: int, padding_side: str) -> dict:
   return {k: v[..., cut] if v.ndim == 3 else v for k, v in batch.items()}
 
 
+def process_max(value: int) -> int:
+  """The largest ``value`` over all processes; every process must call it at the same point."""
+  if jax.process_count() == 1:
+    return value
+  return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+
+
+class BucketTrim:
+  """A batch -> trimmed to the smallest bucket holding the longest row of every process's batch,
+  so that all processes' shares of a global batch have one shape."""
+
+  def __init__(self, buckets, max_len: int, padding_side: str):
+    self.buckets = sorted({b for b in buckets if b < max_len} | {max_len})
+    self.padding_side = padding_side
+
+  def __call__(self, batch: dict) -> dict:
+    longest = process_max(int(batch["mask"].sum(-1).max()))
+    return trim(batch, next(b for b in self.buckets if b >= longest), self.padding_side)
+
+
 class Batcher(grain.experimental.FlatMapTransform):
   """A window of ``window * batch_size`` encoded pairs -> ``window`` batches (see module doc)."""
 
-  def __init__(self, *, batch_size: int, window: int, buckets, max_len: int, padding_side: str,
-               seed: int):
+  def __init__(self, *, batch_size: int, window: int, seed: int):
     self.max_fan_out, self.batch_size, self.window = window, batch_size, window
-    self.buckets = sorted({b for b in buckets if b < max_len} | {max_len}) if buckets else ()
-    self.padding_side, self.seed = padding_side, seed
+    self.seed = seed
 
   def flat_map(self, indexed_window):
     index, rows = indexed_window
@@ -107,9 +141,6 @@ class Batcher(grain.experimental.FlatMapTransform):
     if self.window > 1:
       rng = np.random.default_rng([self.seed, index])
       batches = [batches[i] for i in rng.permutation(self.window)]
-    if self.buckets:
-      batches = [trim(b, next(x for x in self.buckets if x >= b["mask"].sum(-1).max()),
-                      self.padding_side) for b in batches]
     return batches
 
 
@@ -133,8 +164,7 @@ def train_dataset(source, tokenizer, *, global_batch_size: int, max_len: int, se
     raise ValueError(f"batch_size={global_batch_size} is not divisible by {shard.shard_count} "
                      "processes")
   batch_size = global_batch_size // shard.shard_count
-  batcher = Batcher(batch_size=batch_size, window=sort_window, buckets=buckets, max_len=max_len,
-                    padding_side=padding_side, seed=seed)
+  batcher = Batcher(batch_size=batch_size, window=sort_window, seed=seed)
   ds = (grain.MapDataset.source(source)
         .shuffle(seed=seed)
         .repeat()
@@ -148,7 +178,9 @@ def train_dataset(source, tokenizer, *, global_batch_size: int, max_len: int, se
     if not flags.FLAGS.is_parsed():  # grain reads absl flags; outside an absl app use defaults
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  return grain.experimental.FlatMapIterDataset(ds, batcher)
+  ds = grain.experimental.FlatMapIterDataset(ds, batcher)
+  # in this (the training loop's) thread: all processes agree on each batch's length
+  return ds.map(BucketTrim(buckets, max_len, padding_side)) if buckets else ds
 
 
 def length_report(source, tokenizer, max_len: int, limit: int | None = None) -> dict:
@@ -159,7 +191,8 @@ def length_report(source, tokenizer, max_len: int, limit: int | None = None) -> 
     for side in ("chosen", "rejected"):
       prompt_ids, response_ids = encode_texts(source[i], side, tokenizer)
       lengths.append(len(prompt_ids) + len(response_ids))
-      cuts.append(sum(fit(len(prompt_ids), len(response_ids), max_len)))
+      cuts.append(sum(fit(len(prompt_ids), len(response_ids), max_len,
+                          kept_prefix(tokenizer, prompt_ids))))
   lengths, cuts = np.asarray(lengths), np.asarray(cuts)
   return {"pairs": n, "rows_truncated": int((cuts > 0).sum()), "tokens_cut": int(cuts.sum()),
           "mean_length": float(lengths.mean()), **{f"p{q}_length": float(np.percentile(lengths, q))

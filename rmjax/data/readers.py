@@ -4,7 +4,9 @@ Each reader returns ``(examples, summary)``: plain dicts of str/int/float fields
 the pairs it skipped and why (``"skipped: identical chosen/rejected"``, ``"skipped: duplicate
 pair"``, ...) plus notes on kept ones (``"kept: ..."``). A bad
 record (malformed JSON, missing or empty field, bytes that are not UTF-8) raises
-``ValueError("path:line: what is wrong")``; nothing is silently dropped.
+``ValueError("path:line: what is wrong")``; nothing is silently dropped. Pairs of data with a
+natural group (problem, dialogue, question) carry it as an int ``problem_id``, which the
+by-problem bootstrap resamples.
 
 Text conventions (see README "Real data"):
 * GSM8K: the ``<<a*b=c>>`` calculator notes are stripped (models write plain text) and the final
@@ -225,8 +227,9 @@ def split_dialogue(chosen: str, rejected: str):
 
 
 def hh_rlhf(path: str):
-  """Anthropic HH-RLHF pairs -> ``{id, prompt, chosen, rejected}``; ``(pairs, summary)``."""
-  pairs, seen, summary = [], set(), collections.Counter()
+  """Anthropic HH-RLHF pairs -> ``{id, problem_id, prompt, chosen, rejected}``; ``(pairs,
+  summary)``. ``problem_id`` numbers the distinct prompts (dialogues) in order of appearance."""
+  pairs, seen, summary, dialogues = [], set(), collections.Counter(), {}
   for lineno, rec in iter_jsonl(path):
     where = f"{path}:{lineno}"
     split = split_dialogue(field(rec, "chosen", where), field(rec, "rejected", where))
@@ -241,7 +244,7 @@ def hh_rlhf(path: str):
       summary["kept: a response of several turns"] += 1
     pair = {"id": str(lineno - 1), "prompt": prompt, "chosen": chosen, "rejected": rejected}
     if keep_pair(pair, seen, summary):
-      pairs.append(pair)
+      pairs.append({**pair, "problem_id": dialogues.setdefault(prompt, len(dialogues))})
   return pairs, summary
 
 
@@ -258,7 +261,8 @@ def qa_prompt(question: str, passages, where: str) -> str:
 
 def finegrained_qa(path: str, keep_ties: bool = False):
   """Pairs from the 6 judgements per question; ``label`` 1.0 (chosen preferred) or, with
-  ``keep_ties``, 0.5 (a tie: chosen/rejected are then just the first/second answer)."""
+  ``keep_ties``, 0.5 (a tie: chosen/rejected are then just the first/second answer).
+  ``question_id`` (= ``problem_id``) is the question's index in the file."""
   pairs, seen, summary = [], set(), collections.Counter()
   for question_id, (lineno, rec) in enumerate(iter_json_array(path)):
     where = f"{path}:{lineno}"
@@ -272,7 +276,8 @@ def finegrained_qa(path: str, keep_ties: bool = False):
         summary["skipped: tie"] += 1
         continue
       first, second = (a, b) if pref != 2 else (b, a)
-      pair = {"id": f"{question_id}-{a}v{b}", "question_id": question_id, "prompt": prompt,
+      pair = {"id": f"{question_id}-{a}v{b}", "question_id": question_id,
+              "problem_id": question_id, "prompt": prompt,
               "chosen": answers[first], "rejected": answers[second],
               "label": 0.5 if pref == 0 else 1.0}
       if keep_pair(pair, seen, summary):
@@ -295,8 +300,11 @@ def preference_jsonl(path: str):
     pair = {"id": str(rec.get("id", lineno - 1)), "margin": float(margin)}
     if isinstance(rec.get("chosen"), list):
       before = rec.get("prompt", [])
+      if not isinstance(before, list):
+        raise ValueError(f"{where}: field 'prompt' should be a list of messages when 'chosen' is "
+                         f"one (chat format), got {type(before).__name__}")
       for side in ("chosen", "rejected"):
-        messages = (before if isinstance(before, list) else []) + field(rec, side, where, list)
+        messages = before + field(rec, side, where, list)
         try:
           check_messages(messages)
         except ValueError as e:

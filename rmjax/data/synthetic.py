@@ -7,7 +7,9 @@ the *rejected* one makes an error at a known step and carries the wrong value on
 operand misread from the question) and ``arith`` (a wrong result: ``8-6=3``). ``error_step`` and
 ``error_char`` (offset of the first wrong character in the response) are kept for
 error-localisation studies. Examples are generated from (seed, split, index): random access,
-deterministic, any size.
+deterministic, any size. Splits are disjoint by problem: a problem belongs to the split that a hash
+of its prompt picks (``SPLIT_FRACTIONS``, whatever the seed), and a split redraws problems of the
+others; ``problem_id`` is that hash, so the by-problem bootstrap groups repeats of a problem.
 
 Every number written stays in 0..max_value (single digits by default), so no slip is given away
 by a number's size. How fast a tiny model from scratch learns to spot each kind differs a lot:
@@ -16,9 +18,14 @@ table (see README for measured numbers).
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
+from rmjax.data.readers import SPLIT_FRACTIONS
+
 SPLITS = {"train": 0, "validation": 1, "test": 2}
+MAX_DRAWS = 10_000  # of problems for one example before the split is declared (nearly) empty
 ERROR_KINDS = ("carry", "copy", "arith")
 
 
@@ -33,6 +40,17 @@ def _problem(rng: np.random.Generator, min_steps: int, max_steps: int, max_value
     ops.append((sign, a))
     value = value + a if sign == "+" else value - a
   return start, ops
+
+
+def problem_id(prompt: str) -> int:
+  """A stable 63-bit hash of the prompt: the problem's id (an int64) and, scaled, its split."""
+  return int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big") >> 1
+
+
+def split_of(pid: int) -> str:
+  """The split a problem belongs to: ``pid`` scaled to [0, 1) against ``SPLIT_FRACTIONS``."""
+  edges = np.cumsum(list(SPLIT_FRACTIONS.values()))[:-1]
+  return list(SPLIT_FRACTIONS)[int(np.searchsorted(edges, pid / 2**63, side="right"))]
 
 
 def _solve(start: int, ops, wrong_at: int = -1, kind: str = "arith", delta: int = 0):
@@ -72,21 +90,30 @@ class SyntheticMath:
   def __getitem__(self, index: int) -> dict:
     if not 0 <= index < self.size:
       raise IndexError(index)
-    # A problem depends only on (seed, split, index); splits never share a generator stream.
+    # A problem depends only on (seed, split, index); problems of other splits are redrawn, as
+    # (rarely) are problems with no slip that keeps every number in range.
     rng = np.random.default_rng([self.seed, SPLITS[self.split], index])
-    while True:  # rarely, no slip of a problem stays in range: draw another
+    for _ in range(MAX_DRAWS):
       start, ops = _problem(rng, self.min_steps, self.max_steps, self.max_value)
+      prompt = f"Q: {start}" + "".join(f"{s}{a}" for s, a in ops) + "\nA:"
+      pid = problem_id(prompt)
+      if split_of(pid) != self.split:
+        continue
       good, answer, _ = _solve(start, ops)
       slip = self._slip(rng, start, ops)
       if slip is not None:
         break
+    else:
+      raise ValueError(f"SyntheticMath: no {self.split!r} problem with a slip in {MAX_DRAWS} "
+                       f"draws (min_steps={self.min_steps}, max_steps={self.max_steps}, "
+                       f"max_value={self.max_value}): too few problems; allow more steps")
     kind, step, bad, wrong_answer = slip
-    prompt = f"Q: {start}" + "".join(f"{s}{a}" for s, a in ops) + "\nA:"
     chosen = "".join(f" {l}\n" for l in good) + f" answer {answer}\n"
     rejected = "".join(f" {l}\n" for l in bad) + f" answer {wrong_answer}\n"
     error_char = next(i for i, (c, r) in enumerate(zip(chosen, rejected)) if c != r)
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "error_step": step,
-            "error_kind": kind, "error_char": error_char, "id": f"{self.split}-{index}"}
+            "error_kind": kind, "error_char": error_char, "id": f"{self.split}-{index}",
+            "problem_id": pid}
 
   def _slip(self, rng, start, ops):
     """A random (kind, step, delta) whose wrong solution keeps every number in 0..max_value, so
