@@ -5,12 +5,14 @@
 ``--checkpoint`` is a workdir (its newest checkpoint), its ``checkpoints/`` folder, or one step
 folder (``runs/demo/checkpoints/1500``). Over the held-out (``validation``) pairs, the chosen
 response counts as a correct solution and the rejected one as incorrect, grouped by the pair's
-``problem_id`` (each pair its own problem when the data has none). Computed: pairwise accuracy, AUROC of reward vs correctness with a bootstrap interval
-resampled by problem, the goal state (saved as ``goal.npy`` in the step folder) from the chosen
-responses of the first ``--goal_examples`` *training* pairs, Q_t traces, and error localisation
-(``rmjax.eval.localize``) against ``error_char`` when the data records it. Majority voting needs
-several sampled solutions per problem with final answers (``rmjax.eval.voting``); pair data has
-one correct and one incorrect per problem, so eval.json says it was skipped.
+``problem_id`` (each pair its own problem when the data has none). Computed: pairwise accuracy,
+AUROC of reward vs correctness over the distinct solutions (one in several pairs counts once, as in
+``rmjax.loss_lab``) with a bootstrap interval resampled by problem, the goal state (saved as
+``goal.npy`` in the step folder) from the chosen responses of the first ``--goal_examples``
+*training* pairs, Q_t traces, and error localisation (``rmjax.eval.localize``) against
+``error_char`` when the data records it. Majority voting needs several sampled solutions per
+problem with final answers (``rmjax.eval.voting``); pair data has one correct and one incorrect per
+problem, so eval.json says it was skipped.
 
 # N: sequences, L: sequence length, D: model dim
 """
@@ -27,9 +29,10 @@ from tqdm import tqdm
 from rmjax import sharding
 from rmjax.checkpoint import resolve_run, restore_state, write_json
 from rmjax.data import sources
-from rmjax.data.pipeline import encode_pair, encode_sequence
+from rmjax.data.pipeline import encode_pair, encode_sequence, kept_prefix
 from rmjax.eval import goal as goal_lib, localize, plots
-from rmjax.eval.metrics import auroc, auroc_ci, markdown_table, preference_metrics
+from rmjax.eval.metrics import (auroc, auroc_ci, markdown_table, preference_metrics,
+                                unique_solutions)
 from rmjax.train import unpack
 
 VOTING_SKIPPED = ("pair data has one correct and one incorrect solution per problem, not several "
@@ -74,9 +77,11 @@ def encode_pairs(source, tokenizer, config, n: int) -> dict:
 def encode_solutions(solutions, tokenizer, config) -> dict:
   """Rows ``{tokens, mask, response}`` of single solutions ``{prompt, response}`` (for voting:
   several sampled solutions per problem, e.g. GSM8K's model solutions)."""
-  rows = [encode_sequence(*tokenizer.encode_prompt_response(s["prompt"], s["response"]),
-                          config.data.max_len, tokenizer.pad_id, config.data.padding_side)
-          for s in solutions]
+  rows = []
+  for s in solutions:
+    prompt_ids, response_ids = tokenizer.encode_prompt_response(s["prompt"], s["response"])
+    rows.append(encode_sequence(prompt_ids, response_ids, config.data.max_len, tokenizer.pad_id,
+                                config.data.padding_side, kept_prefix(tokenizer, prompt_ids)))
   return {k: np.stack(x) for k, x in zip(("tokens", "mask", "response"), zip(*rows))}
 
 
@@ -92,15 +97,15 @@ def error_windows(examples, tokenizer, response_lengths, k: int):
   """Token windows of each rejected response's first error, and which examples have one.
 
   ``start`` is the token holding ``error_char``; windows: ``step`` (to the end of its line) and
-  ``within_<k>`` (the first ``k`` tokens from it). A response cut to fit ``max_len`` (fewer
-  tokens than its text) is left out; tokens after the text (an EOS) are fine.
-  Returns ``(windows, keep_N)``.
+  ``within_<k>`` (that token and the ``k - 1`` after it). ``response_lengths``: response tokens
+  in each encoded row. A response cut to fit ``max_len`` (its row holds fewer tokens than the
+  tokenizer gives it, an appended EOS included) is left out. Returns ``(windows, keep_N)``.
   """
   start, step_end, keep = [], [], []
   for ex, length in zip(examples, response_lengths):
     text = ex["rejected"]
     offsets = localize.response_offsets(tokenizer, text)
-    keep.append(len(offsets) <= length)
+    keep.append(len(tokenizer.encode_prompt_response("", text)[1]) <= length)
     if keep[-1]:
       start.append(localize.char_to_token(offsets, ex["error_char"]))
       newline = text.find("\n", ex["error_char"])
@@ -146,16 +151,19 @@ def evaluate(config, checkpoint: str, out_dir: str | None = None, *, goal_exampl
 
   labels = np.tile([True, False], len(examples))
   groups = np.repeat([ex.get("problem_id", i) for i, ex in enumerate(examples)], 2)
+  solutions = unique_solutions(rows["tokens"], groups)  # AUROCs count a solution once
   resp = rows["response"].astype(bool)
   q_traces = [q[m] for q, m in zip(res["q"], resp)]
   r_traces = [r[m] for r, m in zip(res["prefix_reward"], resp)]
   q_final = np.asarray([t[-1] for t in q_traces])
   result = {
       "step": int(step), "checkpoint": step_dir, "n_pairs": len(examples),
-      **preference_metrics(res["reward"][0::2], res["reward"][1::2]),
-      "auroc_ci": auroc_ci(res["reward"], labels, groups, n_boot=n_boot, seed=config.seed),
+      **preference_metrics(res["reward"][0::2], res["reward"][1::2], solutions),
+      "n_solutions": len(solutions),
+      "auroc_ci": auroc_ci(res["reward"][solutions], labels[solutions], groups[solutions],
+                           n_boot=n_boot, seed=config.seed),
       "goal": {"path": goal_path, "n_correct_train_solutions": n_goal},
-      "q": {"auroc_final_token": auroc(q_final, labels),
+      "q": {"auroc_final_token": auroc(q_final[solutions], labels[solutions]),
             "mean_correct": float(np.mean(np.concatenate(q_traces[0::2]))),
             "mean_incorrect": float(np.mean(np.concatenate(q_traces[1::2]))),
             "flagged_correct_share": float(np.mean(
@@ -178,9 +186,10 @@ def evaluate(config, checkpoint: str, out_dir: str | None = None, *, goal_exampl
     result["localization"] = {"skipped": "the data records no error_char"}
 
   # --- outputs ---
+  reward, label = res["reward"][solutions], labels[solutions]
   result["plots"] = [
-      plots.reward_histogram(os.path.join(out_dir, "reward_hist.png"), res["reward"], labels),
-      plots.roc_curve(os.path.join(out_dir, "roc.png"), res["reward"], labels, result["auroc"]),
+      plots.reward_histogram(os.path.join(out_dir, "reward_hist.png"), reward, label),
+      plots.roc_curve(os.path.join(out_dir, "roc.png"), reward, label, result["auroc"]),
       _plot_traces(os.path.join(out_dir, "q_traces.png"), q_traces, trace_errors, num_traces,
                    threshold)]
   ci, loc = result["auroc_ci"], result["localization"].get("q_largest_drop", {})

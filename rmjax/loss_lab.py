@@ -9,6 +9,7 @@ there, at a fraction of the cost. ``scripts/loss_lab.py`` sweeps settings and se
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 
@@ -21,16 +22,29 @@ from flax import nnx
 
 from rmjax import objective, sharding
 from rmjax.cache_features import FeatureSource, top_param_paths
-from rmjax.eval.metrics import auroc_ci, pairwise_accuracy
+from rmjax.eval.metrics import auroc_ci, pairwise_accuracy, unique_solutions
 from rmjax.train import (abstract_state, make_eval_step, make_train_step, trainable_filter,
                          unpack)
 
 BATCH_FIELDS = ("features", "mask", "response", "margin")
 
 
+def parse_value(text: str):
+  """A command-line value: ``true``/``false``, ``none``, a Python literal (``3``, ``1e-4``,
+  ``(2, 1, 1)``), else the string itself."""
+  lowered = text.strip().lower()
+  if lowered in ("true", "false", "none"):
+    return {"true": True, "false": False, "none": None}[lowered]
+  try:
+    return ast.literal_eval(text.strip())
+  except (ValueError, SyntaxError):
+    return text
+
+
 def lab_config(features_dir: str, **overrides) -> ml_collections.ConfigDict:
   """The config the features were cached with, set up to train on them; ``overrides`` are
-  dotted paths (``{"loss.beta": 0.1, "optim.lr": 1e-4}``)."""
+  dotted paths (``{"loss.beta": 0.1, "optim.lr": 1e-4}``). A string value is parsed
+  (``parse_value``) unless the field holds a string; the field's type must accept the result."""
   with open(os.path.join(features_dir, "meta.json")) as f:
     meta = json.load(f)
   config = ml_collections.ConfigDict(meta["config"])
@@ -44,8 +58,42 @@ def lab_config(features_dir: str, **overrides) -> ml_collections.ConfigDict:
       node = node[p]
     if leaf not in node:
       raise ValueError(f"unknown config field {path!r}")
-    node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
+    if isinstance(value, str) and not isinstance(node[leaf], str):
+      value = parse_value(value)
+    try:
+      node[leaf] = value
+    except TypeError as e:
+      raise ValueError(f"config field {path!r}: cannot set {value!r} ({type(value).__name__}) "
+                       f"on a field holding {node[leaf]!r}: {e}") from None
   return config
+
+
+def run_record(config, features_dir: str, **settings) -> dict:
+  """What a ``run``'s result depends on, JSON-ready (the features folder, the whole config and
+  ``settings`` such as ``eval_every``): sweeps store it with each result and resume only on a match
+  (``check_resumable``)."""
+  return json.loads(json.dumps({"features": os.path.realpath(features_dir),
+                                "config": json.loads(config.to_json()), **settings}))
+
+
+def _flat(tree, prefix: str = "") -> dict:
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+
+
+def check_resumable(stored: dict, record: dict, what: str) -> None:
+  """A ValueError unless the stored result ``what`` was run as ``record`` says."""
+  if stored.get("run") == record:
+    return
+  if "run" not in stored:
+    raise ValueError(f"{what}: stored without its settings, so it cannot be resumed; use another "
+                     "--out or delete it")
+  old, new = _flat(stored["run"]), _flat(record)
+  diff = [f"{k.rstrip('.')}: {old.get(k)!r} -> {new.get(k)!r}"
+          for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+  raise ValueError(f"{what}: stored with other settings ({'; '.join(diff[:5])}); use another "
+                   "--out or delete it")
 
 
 def load_top_params(state, path: str):
@@ -96,8 +144,7 @@ def evaluate(eval_step, state, source: FeatureSource, batch_size: int, *, n_boot
   rewards = np.stack([chosen, rejected], 1).reshape(-1)
   labels = np.tile([1, 0], n)
   groups = np.repeat(data["problem_id"], 2)
-  rows = data["tokens"].reshape(2 * n, -1)
-  _, first = np.unique(rows, axis=0, return_index=True)
+  first = unique_solutions(data["tokens"], groups)
   ci = auroc_ci(rewards[first], labels[first], groups[first], n_boot=n_boot, seed=0)
   return {"pairwise_accuracy": pairwise_accuracy(chosen, rejected), "auroc": ci["auroc"],
           "auroc_low": ci["low"], "auroc_high": ci["high"], "solutions": int(len(first))}

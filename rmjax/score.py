@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from rmjax import sharding
-from rmjax.data.pipeline import encode_sequence, fit
+from rmjax.data.pipeline import encode_sequence, fit, kept_prefix
 from rmjax.data.readers import iter_jsonl
 from rmjax.data.tokenizer import HFTokenizer
 
@@ -93,7 +93,8 @@ def score_file(model, tokenizer, input_path: str, output_path: str, *, batch_siz
   for start in tqdm(range(0, len(order), batch_size), desc="score", unit="batch"):
     idx = order[start:start + batch_size]
     length = bucket_length(max(len(encoded[i][0]) + len(encoded[i][1]) for i in idx), max_len)
-    rows = [encode_sequence(*encoded[i], length, tokenizer.pad_id) for i in idx]
+    rows = [encode_sequence(*encoded[i], length, tokenizer.pad_id,
+                            keep=kept_prefix(tokenizer, encoded[i][0])) for i in idx]
     rows += [rows[-1]] * (batch_size - len(rows))  # fixed batch shape: pad with a repeat
     tokens, mask = (np.stack([r[k] for r in rows]) for k in (0, 1))
     batch = {"tokens": tokens, "mask": mask}
@@ -104,7 +105,7 @@ def score_file(model, tokenizer, input_path: str, output_path: str, *, batch_siz
   with open(tmp, "w", encoding="utf-8") as f:
     for record, (p, r), reward in zip(records, encoded, rewards):
       out = dict(record, reward=float(reward))
-      cut = sum(fit(len(p), len(r), max_len))
+      cut = sum(fit(len(p), len(r), max_len, kept_prefix(tokenizer, p)))
       if cut:
         out["truncated"] = cut
       f.write(json.dumps(out, ensure_ascii=False) + "\n")

@@ -6,20 +6,26 @@
 Prints the pipeline's pairs/s and real tokens/s (after the first batch, which pays for start-up),
 its padding and truncation, then the jitted train step's pairs/s and tokens/s on batches taken from
 the same pipeline (the most frequent bucket shape, or all with --all_shapes; compiled before
-timing), and the ratio: above 1 the pipeline keeps the step fed. Each figure is measured in this one run; the machine's other load counts.
+timing; the trainer's own step, ``train.trainable_top_layers`` included), and the ratio: above 1
+the pipeline keeps the step fed. Each figure is measured in this one run; the machine's other load
+counts.
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
 
-import jax
-import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rmjax import objective, sharding, train
-from rmjax.data import sources
-from rmjax.data.pipeline import length_report, train_dataset
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from rmjax import sharding, train  # noqa: E402
+from rmjax.data import sources  # noqa: E402
+from rmjax.data.pipeline import length_report, train_dataset  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gsm8k.py", "Config file [:arg].")
 _BATCHES = flags.DEFINE_integer("batches", 64, "pipeline batches to time")
@@ -60,10 +66,7 @@ def bench_step(config, batches, n_steps: int):
   with sharding.use_mesh(mesh, rules):
     graphdef, state = train.create_state(config)
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    step = jax.jit(train.make_train_step(graphdef, objective.build_terms(config.loss),
-                                         accum_steps=config.train.accum_steps, seed=config.seed),
-                   in_shardings=(state_sharding, None), out_shardings=(state_sharding, None),
-                   donate_argnums=0)
+    step = train.jit_train_step(graphdef, config, state_sharding)
     if not _ALL_SHAPES.value:  # a full-size model takes minutes to compile on a few CPU cores
       shapes = [b["tokens"].shape for b in batches]
       common = max(set(shapes), key=shapes.count)

@@ -7,7 +7,8 @@
   # 1b. (error localisation) the same for gsm8k_perturbed's validation pairs
   python -m rmjax.cache_features --config=configs/gsm8k_smollm2.py:perturbed --layer=29 \
       --splits=validation --limit=240 --out=runs/features_perturbed_l29
-  # 2. every variant x seed on them (resumable: finished runs are kept in results.json)
+  # 2. every variant x seed on them (resumable: finished runs are kept in results.json, each with
+  #    its settings; a rerun with other settings into the same --out is refused)
   python scripts/experiment_gsm8k.py --features=runs/features_gsm8k_l29 --out=runs/exp_l29 \
       --perturbed=runs/features_perturbed_l29
   # 3. once, at the end: the test problems (cached in their own folder; nothing is tuned on them)
@@ -18,15 +19,16 @@
 Variants: ``bt`` (beta 0), ``paper`` (paper contrastive, random future goal), ``paper_avg`` and
 ``paper_final`` (goal strategies), ``infonce`` (in-batch negatives, tau 0.1). Every run has the same
 steps, batch, learning rate and data order per seed. Held-out = the validation problems (no
-problem of the training pairs); nothing is tuned on them. ``--test`` evaluates the finished runs
-on the test problems too (pairwise accuracy, AUROC; voting for seed 0). Writes ``results.json``,
-``results.md`` (the README table) and each run's trained parameters (``<variant>_s<seed>.npz``). For seed 0 of
-each variant it also runs goal-filtered majority voting over the held-out problems' solutions
-(``rmjax.eval.voting``; goal = mean final-token state of the training pairs' correct solutions):
-voting accuracy, tokens saved at equal accuracy, and the paper's rule (drop once Q_t < 0 after 5
-tokens), and with ``--perturbed`` error localisation: the hit rate of the largest drop of Q_t (and
-of the prefix reward) in the changed calculation's line, against a random position and against
-the pretrained top block's own Q_t (no reward-model training).
+problem of the training pairs); nothing is tuned on them. Summaries are mean ± sample sd (ddof 1)
+over seeds. ``--test`` evaluates the finished runs on the test problems too (pairwise accuracy,
+AUROC; voting for seed 0). Writes ``results.json``, ``results.md`` (the README table) and each
+run's trained parameters (``<variant>_s<seed>.npz``). For seed 0 of each variant it also runs
+goal-filtered majority voting over the held-out problems' solutions (``rmjax.eval.voting``; goal =
+mean final-token state of the training pairs' correct solutions): voting accuracy, tokens saved at
+equal accuracy, and the paper's rule (drop once Q_t < 0 after 5 tokens), and with ``--perturbed``
+error localisation: the hit rate of the largest drop of Q_t (and of the prefix reward) in the
+changed calculation's line, against a random position and against the pretrained top block's own
+Q_t (no reward-model training).
 """
 from __future__ import annotations
 
@@ -179,7 +181,7 @@ def main(argv=None) -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)
   from rmjax import loss_lab
   from rmjax.checkpoint import write_json
-  from rmjax.eval.metrics import markdown_table
+  from rmjax.eval.metrics import markdown_table, mean_sd
 
   os.makedirs(args.out, exist_ok=True)
   results_path = os.path.join(args.out, "results.json")
@@ -190,13 +192,16 @@ def main(argv=None) -> None:
   for variant in args.variants.split(","):
     for seed in (int(s) for s in args.seeds.split(",")):
       name = f"{variant}_s{seed}"
-      if name in results:
-        continue
       config = loss_lab.lab_config(args.features, **fixed, **VARIANTS[variant], seed=seed)
+      record = loss_lab.run_record(config, args.features, eval_every=args.eval_every)
+      if name in results:
+        loss_lab.check_resumable(results[name], record, f"{results_path}: {name}")
+        continue
       t0 = time.perf_counter()
       result = loss_lab.run(config, args.features, eval_every=args.eval_every,
                             save_to=os.path.join(args.out, f"{name}.npz"))
-      results[name] = dict(result, variant=variant, seed=seed, seconds=time.perf_counter() - t0)
+      results[name] = dict(result, variant=variant, seed=seed, seconds=time.perf_counter() - t0,
+                           run=record)
       print(json.dumps({k: v for k, v in results[name].items() if k != "history"}), flush=True)
       write_json(results_path, results)
 
@@ -242,8 +247,7 @@ def main(argv=None) -> None:
     acc, auc = [r["pairwise_accuracy"] for r in runs], [r["auroc"] for r in runs]
     first = min(runs, key=lambda r: r["seed"])
     rows.append({"variant": variant, "seeds": len(runs),
-                 "pairwise acc": f"{np.mean(acc):.3f} ± {np.std(acc):.3f}",
-                 "AUROC": f"{np.mean(auc):.3f} ± {np.std(auc):.3f}",
+                 "pairwise acc": mean_sd(acc), "AUROC": mean_sd(auc),
                  f"AUROC 95% CI (seed {first['seed']})":
                      f"[{first['auroc_low']:.3f}, {first['auroc_high']:.3f}]",
                  "solutions": first["solutions"]})
@@ -255,8 +259,7 @@ def main(argv=None) -> None:
                                       f"{vote['paper_threshold_0']['tokens_saved']:.3f}"})
     if tests := [r["test"] for r in runs if "test" in r]:
       acc, auc = [t["pairwise_accuracy"] for t in tests], [t["auroc"] for t in tests]
-      rows[-1]["test: pairwise acc"] = f"{np.mean(acc):.3f} ± {np.std(acc):.3f}"
-      rows[-1]["test: AUROC"] = f"{np.mean(auc):.3f} ± {np.std(auc):.3f}"
+      rows[-1]["test: pairwise acc"], rows[-1]["test: AUROC"] = mean_sd(acc), mean_sd(auc)
       if "voting" in (t0 := first.get("test", {})):
         rows[-1]["test: CI (seed 0), voting acc, tokens saved"] = (
             f"[{t0['auroc_low']:.3f}, {t0['auroc_high']:.3f}], "
@@ -267,7 +270,7 @@ def main(argv=None) -> None:
       rows[-1]["error step hit: Q_t / prefix reward / random"] = (
           f"{q['hit_rate_step']:.3f} / {r['hit_rate_step']:.3f} / "
           f"{q['random_hit_rate_step']:.3f}")
-  table = markdown_table(rows)
+  table = markdown_table(rows) + "\nmean ± sample standard deviation (ddof 1) over seeds\n"
   with open(os.path.join(args.out, "results.md"), "w") as f:
     f.write(table)
   print(table)

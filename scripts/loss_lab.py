@@ -7,11 +7,13 @@
 ``--sweep path=v1,v2,...`` (repeatable) runs every combination, each with every seed. Shorthands:
 ``beta`` = ``loss.beta``, ``goal`` = ``loss.contrastive.goal``, ``temperature``, ``samples``
 (``num_samples``), ``mode``. ``--loss=package.module:function`` replaces the built-in contrastive
-term by your function (called as ``fn(out: PairOutputs, key)``, see README), weighted by ``beta``.
-Prints one row per run (accuracy; AUROC with a 95% bootstrap interval resampled by problem) and
-one summary row per setting (mean ± sd over seeds); writes ``results.json`` (after every run: a
-rerun with the same ``--out`` skips finished runs), ``results.md`` and ``curves.png`` (held-out
-accuracy and AUROC against steps, mean over seeds) to ``--out``.
+term by your function (called as ``fn(out: PairOutputs, key)``, see README), weighted by ``beta``
+(the features' config's ``loss.beta`` unless set). Prints one row per run (accuracy; AUROC with a
+95% bootstrap interval resampled by problem) and one summary row per setting (mean ± sample sd,
+ddof 1, over seeds); writes ``results.json`` (after every run, each result with its settings: a
+rerun with the same ``--out`` skips finished runs, and refuses runs stored with other settings),
+``results.md`` and ``curves.png`` (held-out accuracy and AUROC against steps, mean over seeds)
+to ``--out``.
 """
 from __future__ import annotations
 
@@ -79,7 +81,7 @@ def main(argv=None) -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)
   from rmjax import loss_lab
   from rmjax.checkpoint import write_json
-  from rmjax.eval.metrics import markdown_table
+  from rmjax.eval.metrics import markdown_table, mean_sd
 
   fixed = parse_assignments(args.set, multi=False)
   fixed.update({"train.steps": args.steps, "train.batch_size": args.batch_size})
@@ -96,17 +98,19 @@ def main(argv=None) -> None:
     name = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in setting.items()) or "config"
     results[name] = []
     for seed in (int(s) for s in args.seeds.split(",")):
+      config = loss_lab.lab_config(args.features, **fixed, **setting, seed=seed)
+      if args.loss:  # replaces the contrastive term, with its weight
+        config.loss.custom, config.loss.beta = f"{args.loss}={config.loss.beta}", 0.0
+      record = loss_lab.run_record(config, args.features, eval_split=args.eval_split,
+                                   eval_every=args.eval_every, n_boot=args.n_boot)
       result = next((r for r in done.get(name, []) if r["seed"] == seed), None)
-      if result is None:
-        overrides = {**fixed, **setting, "seed": seed}
-        if args.loss:
-          beta = float(overrides.get("loss.beta", 0.5))
-          overrides.update({"loss.custom": f"{args.loss}={beta}", "loss.beta": 0.0})
-        config = loss_lab.lab_config(args.features, **overrides)
+      if result is not None:
+        loss_lab.check_resumable(result, record, f"{results_path}: {name}, seed {seed}")
+      else:
         t0 = time.perf_counter()
         result = loss_lab.run(config, args.features, eval_split=args.eval_split,
                               eval_every=args.eval_every, n_boot=args.n_boot)
-        result.update(setting=name, seed=seed, seconds=time.perf_counter() - t0)
+        result.update(setting=name, seed=seed, seconds=time.perf_counter() - t0, run=record)
       results[name].append(result)
       if results_path:
         os.makedirs(args.out, exist_ok=True)
@@ -117,12 +121,11 @@ def main(argv=None) -> None:
                    "s": round(result["seconds"])})
       print(json.dumps({k: rows[-1][k] for k in rows[-1]}), flush=True)
   summary = [{"setting": name, "seeds": len(runs),
-              "accuracy": f"{np.mean([r['pairwise_accuracy'] for r in runs]):.3f} ± "
-                          f"{np.std([r['pairwise_accuracy'] for r in runs]):.3f}",
-              "AUROC": f"{np.mean([r['auroc'] for r in runs]):.3f} ± "
-                       f"{np.std([r['auroc'] for r in runs]):.3f}"}
+              "accuracy": mean_sd([r["pairwise_accuracy"] for r in runs]),
+              "AUROC": mean_sd([r["auroc"] for r in runs])}
              for name, runs in results.items()]
-  table = markdown_table(rows) + "\n\n" + markdown_table(summary)
+  table = (markdown_table(rows) + "\n\n" + markdown_table(summary)
+           + "\nmean ± sample standard deviation (ddof 1) over seeds\n")
   print(table)
   if args.out:
     with open(os.path.join(args.out, "results.md"), "w") as f:

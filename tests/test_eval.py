@@ -1,4 +1,5 @@
 """Evaluation tools against independent implementations: sklearn, numpy loops, naive voting."""
+import statistics
 from collections import Counter
 
 import numpy as np
@@ -8,7 +9,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from rmjax.data.synthetic import SyntheticMath
 from rmjax.data.tokenizer import ByteTokenizer
 from rmjax.eval import goal, localize, plots, voting
-from rmjax.eval.metrics import auroc, auroc_ci, markdown_table
+from rmjax.eval.metrics import (auroc, auroc_ci, markdown_table, mean_sd, pairwise_accuracy,
+                                preference_metrics, unique_solutions)
 
 
 # --- AUROC and its group bootstrap ---
@@ -52,6 +54,46 @@ def test_auroc_ci_skips_single_class_draws():
   ci = auroc_ci([3.0, 2.5, 0.1, 0.2], [1, 1, 0, 0], ["a", "a", "b", "b"], n_boot=400, seed=0)
   assert ci["low"] == ci["high"] == ci["auroc"] == 1.0
   assert 100 < ci["n_skipped"] < 300  # about half
+
+
+def test_auroc_counts_a_solution_in_several_pairs_once():
+  # pairs (A, X), (A, Y), (A, Z) of problem p and (B, Z) of problem q: A is one solution, Z two
+  tokens_Bx2xL = np.asarray([[[1, 1], [2, 2]], [[1, 1], [3, 3]], [[1, 1], [4, 4]],
+                             [[5, 5], [4, 4]]])
+  problem_B = ["p", "p", "p", "q"]
+  reward_of = {1: 0.3, 2: 0.5, 3: 0.1, 4: 0.2, 5: 0.9}
+  rewards_Bx2 = np.vectorize(reward_of.get)(tokens_Bx2xL[..., 0])
+  distinct = {}  # naive: the first row of each (problem, tokens), in pair order
+  for b in range(4):
+    for side in (0, 1):
+      distinct.setdefault((problem_B[b], tuple(tokens_Bx2xL[b, side])),
+                          (2 * b + side, rewards_Bx2[b, side], side == 0))
+  rows, scores, labels = zip(*distinct.values())
+  want = roc_auc_score(labels, scores)
+  assert want != pytest.approx(roc_auc_score(np.tile([1, 0], 4), rewards_Bx2.reshape(-1)))
+  keep = unique_solutions(tokens_Bx2xL, np.repeat(problem_B, 2))
+  np.testing.assert_array_equal(keep, rows)
+  metrics = preference_metrics(rewards_Bx2[:, 0], rewards_Bx2[:, 1], keep)
+  assert metrics["auroc"] == pytest.approx(want, abs=1e-12)
+  assert metrics["pairwise_accuracy"] == 0.75  # over pairs, duplicates and all
+  assert len(unique_solutions(tokens_Bx2xL)) == 5  # tokens only: A and Z once each
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_scores_raise(bad):
+  with pytest.raises(ValueError, match="reward_chosen: 1 of 2 are not finite"):
+    pairwise_accuracy([bad, 1.0], [0.0, 0.0])
+  scores, labels = [0.1, bad, 0.3, 0.4], [1, 0, 1, 0]
+  with pytest.raises(ValueError, match="not finite"):
+    auroc(scores, labels)
+  with pytest.raises(ValueError, match="not finite"):
+    auroc_ci(scores, labels, ["a", "a", "b", "b"], n_boot=10)
+
+
+def test_mean_sd_is_the_sample_standard_deviation():
+  values = [0.61, 0.64, 0.70]
+  assert mean_sd(values) == f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+  assert mean_sd([0.5]) == "0.500"  # one seed: no spread to estimate
 
 
 def test_markdown_table():

@@ -1,4 +1,6 @@
 """``rmjax.evaluate`` end to end: train a tiny run, evaluate it, compare with train's eval.json."""
+import dataclasses
+import glob
 import json
 import logging
 import os
@@ -8,16 +10,24 @@ import sys
 import jax
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
+from sklearn.metrics import roc_auc_score
 
 from rmjax import evaluate, sharding, train
 from rmjax.checkpoint import restore_state
+from rmjax.data import sources
+from rmjax.data.pipeline import encode_sequence
 from rmjax.data.synthetic import SyntheticMath
 from rmjax.data.tokenizer import ByteTokenizer
 from rmjax.eval import voting
 from rmjax.eval.goal import load_goal
+from rmjax.models import LlamaConfig
 from tests.helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                 if not p.endswith("__init__.py"))
 
 
 def run_config():
@@ -45,7 +55,9 @@ def test_evaluate_matches_train_eval_and_compiles_once(tiny_run, tmp_path, caplo
   assert result["pairwise_accuracy"] == trained["pairwise_accuracy"]
   assert result["auroc"] == pytest.approx(trained["auroc"], abs=1e-6)
   ci = result["auroc_ci"]
-  assert ci["low"] <= result["auroc"] <= ci["high"] and ci["n_groups"] == c.data.eval_size
+  held_out = sources.make_source(c, "validation")
+  problems = {held_out[i].get("problem_id", i) for i in range(len(held_out))}
+  assert ci["low"] <= result["auroc"] <= ci["high"] and ci["n_groups"] == len(problems)
 
   with open(tmp_path / "eval.json") as f:
     written = json.load(f)
@@ -93,6 +105,113 @@ def test_error_windows_point_at_the_slip():
     assert start == ex["error_char"] and ex["rejected"][end - 1] == "\n"
     assert "\n" not in ex["rejected"][start:end - 1]
   np.testing.assert_array_equal(windows["within_2"][1], windows["step"][0] + 2)
+
+
+def test_evaluate_counts_a_solution_in_several_pairs_once(tiny_run, tmp_path, monkeypatch):
+  """Pairs 4-7 repeat the chosen solution of pair 0 (same problem) with other rejected ones:
+  AUROC over the 12 distinct solutions, not the 16 pair rows."""
+  c, make_source = run_config(), sources.make_source
+  base = [make_source(c, "validation")[i] for i in range(8)]
+  pairs = [dict(base[i], problem_id=f"p{i}") for i in range(4)]
+  pairs += [dict(base[0], problem_id="p0", rejected=base[i]["rejected"],
+                 error_char=base[i]["error_char"]) for i in range(4, 8)]
+  monkeypatch.setattr(sources, "make_source", lambda config, split: (
+      pairs if split == "validation" else make_source(config, split)))
+  result = evaluate.evaluate(c, tiny_run, str(tmp_path), goal_examples=8, n_boot=50)
+
+  mesh = sharding.make_mesh(tuple(c.mesh.shape))
+  with sharding.use_mesh(mesh):
+    _, step_dir, graphdef, state = restore_state(c, mesh, tiny_run)
+    rows = evaluate.encode_pairs(pairs, ByteTokenizer(), c, len(pairs))
+    reward_N = evaluate.run_sequences(jax.jit(evaluate.make_forward(graphdef)), state, rows,
+                                      load_goal(step_dir), batch_size=16, mesh=mesh,
+                                      rules=sharding.DEFAULT_RULES, desc="pairs")["reward"]
+  first = {}  # (problem, prompt, response) -> (reward, correct), first occurrence
+  for i, ex in enumerate(pairs):
+    for side, reward in (("chosen", reward_N[2 * i]), ("rejected", reward_N[2 * i + 1])):
+      first.setdefault((ex["problem_id"], ex["prompt"], ex[side]), (reward, side == "chosen"))
+  scores, labels = zip(*first.values())
+  assert result["auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
+  assert result["n_solutions"] == len(first) == 12
+  assert result["auroc_ci"]["auroc"] == result["auroc"]
+  all_rows = roc_auc_score(np.tile([1, 0], 8), reward_N)
+  assert result["auroc"] != pytest.approx(all_rows, abs=1e-6)  # the case tells them apart
+
+
+class EosByteTokenizer(ByteTokenizer):
+  """Bytes, with an EOS (id 1) after each response, as ``HFTokenizer`` appends one."""
+
+  def encode_prompt_response(self, prompt, response):
+    prompt_ids, response_ids = super().encode_prompt_response(prompt, response)
+    return prompt_ids, response_ids + [1]
+
+
+def test_error_windows_leave_out_a_response_cut_before_its_eos():
+  ex, tok = SyntheticMath(1, split="validation")[0], EosByteTokenizer()
+  n_text = len(ex["rejected"].encode())
+  for max_len, kept in ((n_text, False), (n_text + 1, True)):
+    # a response of exactly max_len text tokens: its last text token gives way to the EOS
+    _, _, resp = encode_sequence([], tok.encode_prompt_response("", ex["rejected"])[1], max_len,
+                                 tok.pad_id)
+    windows, keep = evaluate.error_windows([ex], tok, [int(resp.sum())], k=3)
+    assert keep.tolist() == [kept]
+  assert windows["within_3"][0].tolist() == [ex["error_char"]]
+  assert windows["within_3"][1].tolist() == [ex["error_char"] + 3]
+
+
+# --- configs and scripts ---
+
+# fields the code reads with .get (or the README presents as levers) -> (override, code default)
+LEVERS = {"model.remat": ("full", "none"), "model.scan_layers": (True, False),
+          "model.attention": ("cudnn", "xla"), "train.trainable_top_layers": (1, -1),
+          "mesh.dcn_shape": ((2, 1, 1), None),
+          **{f"data.{k}": (v, sources.PIPELINE_DEFAULTS[k])
+             for k, v in (("buckets", (16, 32)), ("sort_window", 4), ("num_threads", 3),
+                          ("num_workers", 1))}}
+# values a config chooses on purpose, unlike the code's defaults
+CHOSEN = {"gsm8k_smollm2.py": {"train.trainable_top_layers"}}
+
+
+def _get(config, path):
+  for p in path.split("."):
+    config = config[p]
+  return config
+
+
+def _load(path, *overrides):
+  """The config as ``--config=path --config.a.b=v ...`` gives it to a script."""
+  argv, flag_values = ["prog", f"--config={path}", *overrides], flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True,
+                                  sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_declares_the_levers(name):
+  models = {f.name: f.default for f in dataclasses.fields(LlamaConfig)}
+  assert all(LEVERS[f"model.{k}"][1] == models[k] for k in ("remat", "scan_layers", "attention"))
+  path = os.path.join(ROOT, "configs", name)
+  defaults = _load(path)
+  for field, (_, default) in LEVERS.items():
+    pipeline = field.startswith("data.") and name != "synthetic.py"  # tuned for their data
+    if not pipeline and field not in CHOSEN.get(name, ()):
+      assert _get(defaults, field) == default, field
+  overridden = _load(path, *(f"--config.{field}={str(value).replace(' ', '')}"
+                             for field, (value, _) in LEVERS.items()))
+  for field, (value, _) in LEVERS.items():
+    assert _get(overridden, field) == value, field
+
+
+@pytest.mark.slow
+def test_plan_memory_script_on_a_config_that_imports_another(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "scripts", "plan_memory.py"),
+       f"--config={ROOT}/configs/hh_rlhf.py:tiny", "--mesh=1,1,1", "--config.model.remat=full"],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "remat full" in proc.stdout
 
 
 @pytest.mark.slow

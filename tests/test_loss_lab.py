@@ -1,5 +1,7 @@
 """Cached features + loss lab: the same loss as the full model, the lab loop, resumable caching."""
 import dataclasses
+import importlib.util
+import json
 import os
 import pickle
 
@@ -10,6 +12,8 @@ from flax import nnx
 
 from rmjax import cache_features, loss_lab, objective, sharding, train
 from tests.helpers import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +97,61 @@ def test_feature_source_pickles_for_worker_processes(cached):
   back = pickle.loads(pickle.dumps(src))
   for k, v in back[3].items():
     np.testing.assert_array_equal(v, want[k])
+
+
+def _meta_dir(tmp_path):
+  """A features folder's meta.json alone (all ``lab_config`` reads), from the tiny config."""
+  config = tiny_config("paper")
+  meta = {"config": config.to_dict(), "layer": 1,
+          "model": dict(config.model.to_dict(), num_layers=2, head_dim=8)}
+  (tmp_path / "meta.json").write_text(json.dumps(meta))
+  return str(tmp_path)
+
+
+def test_lab_config_parses_command_line_values(tmp_path):
+  features = _meta_dir(tmp_path)
+  config = loss_lab.lab_config(features, **{
+      "loss.sparse_last_block": "False", "optim.lr": "1e-4", "train.steps": "7",
+      "mesh.dcn_shape": "(1, 1, 1)", "loss.contrastive.goal": "avg", "loss.custom": "",
+      "seed": 3})
+  assert config.loss.sparse_last_block is False
+  assert config.optim.lr == 1e-4 and config.train.steps == 7 and config.seed == 3
+  assert tuple(config.mesh.dcn_shape) == (1, 1, 1)  # a None field takes the parsed value
+  assert config.loss.contrastive.goal == "avg" and config.loss.custom == ""
+  for field, value in (("train.steps", "2.5"), ("loss.sparse_last_block", "maybe")):
+    with pytest.raises(ValueError, match=f"config field '{field}'"):
+      loss_lab.lab_config(features, **{field: value})
+
+
+def _script(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_loss_lab_script_resumes_only_runs_with_the_same_settings(tmp_path, monkeypatch):
+  features = _meta_dir(tmp_path)
+  meta = json.loads((tmp_path / "meta.json").read_text())
+  meta["config"]["loss"]["beta"] = 0.25  # the custom term's weight when none is set
+  (tmp_path / "meta.json").write_text(json.dumps(meta))
+  trained = []
+
+  def fake_run(config, features_dir, **kwargs):  # the script's bookkeeping, not the training
+    trained.append(config)
+    point = {"step": 2, "pairwise_accuracy": 0.5, "auroc": 0.5}
+    return {**point, "auroc_low": 0.4, "auroc_high": 0.6, "solutions": 4, "history": [point]}
+
+  monkeypatch.setattr(loss_lab, "run", fake_run)
+  args = [f"--features={features}", "--loss=rmjax.losses:bt_term", "--seeds=0", "--steps=2",
+          f"--out={tmp_path / 'lab'}"]
+  script = _script("loss_lab")
+  script.main(args)
+  assert len(trained) == 1 and trained[0].loss.beta == 0.0
+  assert trained[0].loss.custom == "rmjax.losses:bt_term=0.25"
+  script.main(args)  # same settings: resumed, not run again
+  assert len(trained) == 1
+  for changed in ("--steps=3", "--set=optim.lr=0.5", "--n_boot=10"):
+    with pytest.raises(ValueError, match="stored with other settings"):
+      script.main(args + [changed])
+  assert len(trained) == 1

@@ -5,15 +5,40 @@ import numpy as np
 from scipy.stats import rankdata
 
 
+def finite_scores(scores, name: str = "scores") -> np.ndarray:
+  """``scores`` as float64; a ValueError when any is NaN or infinite (no silent metric)."""
+  scores = np.asarray(scores, np.float64)
+  bad = np.flatnonzero(~np.isfinite(scores))
+  if len(bad):
+    raise ValueError(f"{name}: {len(bad)} of {scores.size} are not finite (first: index "
+                     f"{bad[0]}, {scores.flat[bad[0]]})")
+  return scores
+
+
+def unique_solutions(tokens, groups=None) -> np.ndarray:
+  """Ascending indices of the first row of each distinct solution. ``tokens``: ``NxL`` rows, or
+  pairs ``Bx2xL`` (row 2i chosen, 2i + 1 rejected); rows with equal tokens (and equal ``groups``,
+  e.g. problem ids, when given) are one solution, e.g. one that appears in several pairs."""
+  tokens = np.asarray(tokens)
+  rows_NxL = tokens.reshape(-1, tokens.shape[-1]).astype(np.int64)
+  if groups is not None:
+    group_N = np.unique(np.asarray(groups), return_inverse=True)[1].reshape(-1, 1)
+    if len(group_N) != len(rows_NxL):
+      raise ValueError(f"unique_solutions: {len(rows_NxL)} rows, {len(group_N)} groups")
+    rows_NxL = np.concatenate([group_N, rows_NxL], axis=1)
+  return np.sort(np.unique(rows_NxL, axis=0, return_index=True)[1])
+
+
 def pairwise_accuracy(reward_chosen, reward_rejected) -> float:
   """Share of pairs ranked correctly; a tie counts half."""
-  diff = np.asarray(reward_chosen, np.float64) - np.asarray(reward_rejected, np.float64)
+  diff = (finite_scores(reward_chosen, "reward_chosen")
+          - finite_scores(reward_rejected, "reward_rejected"))
   return float(np.mean((diff > 0) + 0.5 * (diff == 0)))
 
 
 def auroc(scores, labels) -> float:
   """Area under the ROC curve of ``scores`` for binary ``labels`` (Mann-Whitney U; ties half)."""
-  scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
+  scores, labels = finite_scores(scores), np.asarray(labels).astype(bool)
   n_pos, n_neg = int(labels.sum()), int((~labels).sum())
   if n_pos == 0 or n_neg == 0:
     raise ValueError(f"AUROC needs both classes; got {n_pos} positive, {n_neg} negative")
@@ -21,10 +46,14 @@ def auroc(scores, labels) -> float:
   return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def preference_metrics(reward_chosen, reward_rejected) -> dict[str, float]:
-  """Pairwise accuracy, and AUROC of reward vs correctness (chosen = correct, rejected = not)."""
-  scores = np.concatenate([reward_chosen, reward_rejected])
-  labels = np.concatenate([np.ones(len(reward_chosen)), np.zeros(len(reward_rejected))])
+def preference_metrics(reward_chosen, reward_rejected, solutions=None) -> dict[str, float]:
+  """Pairwise accuracy, and AUROC of reward vs correctness (chosen = correct, rejected = not) over
+  the rows ``solutions`` (pair i's chosen is row 2i, its rejected 2i + 1; all rows when None), e.g.
+  ``unique_solutions(tokens_Bx2xL)`` so that a solution in several pairs counts once."""
+  scores = np.stack([reward_chosen, reward_rejected], 1).reshape(-1)
+  labels = np.tile([True, False], len(reward_chosen))
+  if solutions is not None:
+    scores, labels = scores[solutions], labels[solutions]
   return {"pairwise_accuracy": pairwise_accuracy(reward_chosen, reward_rejected),
           "auroc": auroc(scores, labels),
           "reward_margin": float(np.mean(np.asarray(reward_chosen) - reward_rejected))}
@@ -40,7 +69,7 @@ def auroc_ci(scores, labels, groups, *, n_boot: int = 1000, seed: int = 0,
   single class are skipped (``n_skipped``). Returns the point estimate on all rows, ``low``,
   ``high``.
   """
-  scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
+  scores, labels = finite_scores(scores), np.asarray(labels).astype(bool)
   if not len(scores) == len(labels) == len(groups):
     raise ValueError(f"auroc_ci: {len(scores)} scores, {len(labels)} labels, {len(groups)} groups")
   point = auroc(scores, labels)
@@ -64,6 +93,15 @@ def auroc_ci(scores, labels, groups, *, n_boot: int = 1000, seed: int = 0,
   low, high = np.quantile(values, [alpha, 1.0 - alpha])
   return {"auroc": point, "low": float(low), "high": float(high), "level": level,
           "n_boot": n_boot, "n_skipped": n_boot - len(values), "n_groups": n_groups}
+
+
+def mean_sd(values, digits: int = 3) -> str:
+  """``"mean ± sd"``, sd the *sample* standard deviation (ddof 1, e.g. over seeds); one value:
+  only the mean (no spread to estimate)."""
+  values = finite_scores(values, "mean_sd")
+  if len(values) < 2:
+    return f"{np.mean(values):.{digits}f}"
+  return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None, digits: int = 3) -> str:
