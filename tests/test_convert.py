@@ -89,6 +89,16 @@ def test_import_matches_pytorch(arch, tmp_path, mesh1):
   np.testing.assert_allclose(h[real], h_ref[real], atol=1e-4, rtol=1e-4)
 
 
+def exported_rewards(folder, tokens, mask) -> np.ndarray:
+  """Rewards of an exported folder under HF, positions counted over real tokens (left padding)."""
+  back = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+  pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+  with torch.no_grad():
+    return back(input_ids=torch.tensor(tokens, dtype=torch.long),
+                attention_mask=torch.tensor(mask),
+                position_ids=torch.tensor(pos, dtype=torch.long)).logits[:, 0].numpy()
+
+
 def test_sequence_classifier_head_and_export_roundtrip(tmp_path, mesh1):
   ref = save_tiny("qwen2", tmp_path / "src", classifier=True)
   tokens, mask = padded_batch(seed=1)
@@ -99,12 +109,7 @@ def test_sequence_classifier_head_and_export_roundtrip(tmp_path, mesh1):
   np.testing.assert_allclose(reward[:2], logits, atol=1e-4, rtol=1e-4)  # score head loaded
 
   export_reward_model(model, tmp_path / "out", tokenizer=None)
-  back = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
-  pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
-  with torch.no_grad():
-    exported = back(input_ids=torch.tensor(tokens, dtype=torch.long),
-                    attention_mask=torch.tensor(mask),
-                    position_ids=torch.tensor(pos, dtype=torch.long)).logits[:, 0].numpy()
+  exported = exported_rewards(tmp_path / "out", tokens, mask)
   np.testing.assert_allclose(exported, reward, atol=1e-4, rtol=1e-4)
 
 
@@ -129,12 +134,7 @@ def test_qwen2_sliding_window_import_and_export(tmp_path, mesh1):
   real = mask.astype(bool)
   np.testing.assert_allclose(h[real], torch_hidden(ref, tokens, mask)[real], atol=1e-4, rtol=1e-4)
   export_reward_model(model, tmp_path / "out", tokenizer=None)  # HF windows every layer too
-  back = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
-  pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
-  with torch.no_grad():
-    exported = back(input_ids=torch.tensor(tokens, dtype=torch.long),
-                    attention_mask=torch.tensor(mask),
-                    position_ids=torch.tensor(pos, dtype=torch.long)).logits[:, 0].numpy()
+  exported = exported_rewards(tmp_path / "out", tokens, mask)
   np.testing.assert_allclose(exported, reward, atol=1e-4, rtol=1e-4)
   # HF windows only layers >= max_window_layers: layer 1 of 2 here, which rmjax cannot
   save_tiny("qwen2", tmp_path / "top", use_sliding_window=True, sliding_window=3,
