@@ -54,6 +54,9 @@ def init_distributed(mode: str = "auto", coordinator: str | None = None,
     raise ValueError(f"distributed mode {mode!r}: expected one of {INIT_MODES}")
   if mode == "auto":
     mode = _detect_mode(coordinator, num_processes, process_id)
+  elif mode in ("none", "tpu") and (coordinator, num_processes, process_id) != (None,) * 3:
+    raise ValueError(f"distributed mode {mode!r} takes no --coordinator, --num_processes or "
+                     "--process_id; use 'explicit' (or 'auto') to pass them")
   if mode == "none":
     return
   if mode == "explicit" and None in (coordinator, num_processes, process_id):

@@ -81,4 +81,6 @@ def test_init_distributed_single_process_is_a_no_op():
   sharding.init_distributed("none")
   with pytest.raises(ValueError, match="coordinator"):
     sharding.init_distributed("explicit", num_processes=2)
+  with pytest.raises(ValueError, match="mode 'none' takes no --coordinator"):
+    sharding.init_distributed("none", coordinator="host:1234")  # flags not silently ignored
   assert jax.process_count() == 1

@@ -252,6 +252,10 @@ def test_bad_accum_steps_and_intervals_are_clear_errors(tmp_path, mesh1):
   for field in ("log_every", "eval_every", "ckpt_every"):
     with pytest.raises(ValueError, match=f"train.{field}=0"):
       train.train(tiny_config("bt", **{field: 0}), str(tmp_path))
+  config = tiny_config("bt", batch_size=6)
+  config.mesh.shape = (2, 2, 2)  # data x fsdp: 4 batch shards
+  with pytest.raises(ValueError, match=r"train.batch_size=6 .* 4 batch shards"):
+    train.train(config, str(tmp_path))
 
 
 def test_create_state_follows_the_active_logical_rules():
