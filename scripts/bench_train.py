@@ -95,8 +95,9 @@ def config_for(variant: str, **model_fields):
 
 
 def parse_vs(entries: list[str]) -> dict[str, dict]:
-  """``--vs`` entries -> {contestant name: model fields}; values parse as bool, int, float or
-  string, checked against the model config's fields and types."""
+  """``--vs`` entries -> {contestant name: model fields}; values parse as ``loss_lab --set``'s
+  do, checked against the model config's fields and types."""
+  from rmjax.loss_lab import parse_value
   model = config_for("bt").model
   out = {}
   for entry in entries:
@@ -104,14 +105,7 @@ def parse_vs(entries: list[str]) -> dict[str, dict]:
     if not sep or key not in model:
       raise app.UsageError(f"--vs entry {entry!r}: expected field=value with a model field "
                            f"({', '.join(sorted(model.keys()))})")
-    value = {"true": True, "false": False}.get(raw.lower(), raw)
-    if isinstance(value, str):
-      for kind in (int, float):
-        try:
-          value = kind(raw)
-          break
-        except ValueError:
-          pass
+    value = raw if isinstance(model[key], str) else parse_value(raw)
     try:
       c = config_for("bt", **{key: value})
     except (TypeError, ValueError) as e:
