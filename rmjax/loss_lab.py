@@ -26,7 +26,7 @@ from rmjax.eval.metrics import auroc_ci, pairwise_accuracy, unique_solutions
 from rmjax.train import (abstract_state, make_eval_step, make_train_step, trainable_filter,
                          unpack)
 
-BATCH_FIELDS = ("features", "mask", "response", "margin")
+BATCH_FIELDS = ("features", "tokens", "mask", "response", "margin")
 
 
 def parse_value(text: str):

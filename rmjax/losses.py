@@ -33,6 +33,11 @@ class PairOutputs(NamedTuple):
   response_chosen_BxL: jax.Array  # 1 = response token (where states may be sampled)
   response_rejected_BxL: jax.Array
   margin_B: jax.Array  # per-pair Bradley-Terry margin (zeros when unused)
+  # 1 = where negatives may be drawn: rejected response tokens from the first token where the
+  # rejected sequence differs from the chosen one (``diverged``); before it, a causal model's
+  # rejected states equal the chosen ones
+  negatives_BxL: jax.Array
+  chosen_id_Bx2: jax.Array  # the chosen sequence's identity (``sequence_id``)
 
 
 # --- Bradley-Terry ---
@@ -52,6 +57,40 @@ def pair_metrics(reward_chosen_B, reward_rejected_B) -> dict[str, jax.Array]:
   return {"pairwise_accuracy": jnp.mean(acc_B), "reward_margin": jnp.mean(diff_B)}
 
 
+# --- which states may be compared ---
+
+def _content_start(mask_BxL):
+  return jnp.argmax(mask_BxL.astype(bool), axis=1)  # first real token (rows are contiguous)
+
+
+def diverged(tokens_a_BxL, mask_a_BxL, tokens_b_BxL, mask_b_BxL) -> jax.Array:
+  """1 at the real tokens of ``b`` from the first one where ``b`` differs from ``a`` on: tokens
+  compared by their index among the real ones, so right and left padding alike. A ``b`` that is
+  ``a`` or a prefix of it is 0 everywhere; a longer ``b`` diverges where ``a`` ends."""
+  l = tokens_a_BxL.shape[1]
+  real_b_BxL = mask_b_BxL.astype(bool)
+  index_BxL = jnp.arange(l)[None, :] - _content_start(mask_b_BxL)[:, None]  # among b's real
+  in_a_BxL = index_BxL < jnp.sum(mask_a_BxL, axis=1, keepdims=True)
+  where_a_BxL = jnp.clip(_content_start(mask_a_BxL)[:, None] + index_BxL, 0, l - 1)
+  same_BxL = in_a_BxL & (jnp.take_along_axis(tokens_a_BxL, where_a_BxL, axis=1) == tokens_b_BxL)
+  differs_BxL = real_b_BxL & ~same_BxL
+  return (jnp.cumsum(differs_BxL, axis=1) > 0) & real_b_BxL
+
+
+def sequence_id(tokens_BxL, mask_BxL) -> jax.Array:
+  """A 64-bit hash of each sequence's real tokens ([B, 2] uint32): equal for copies of a
+  sequence whatever their padding, different otherwise (up to hash collisions, ~B²/2⁶⁵)."""
+  u32 = lambda x: jnp.asarray(x, jnp.uint32)
+  index_BxL = u32(jnp.arange(tokens_BxL.shape[1])[None, :] - _content_start(mask_BxL)[:, None])
+  ids = []
+  for mult, salt in ((0x9E3779B1, 0x85EBCA77), (0xC2B2AE3D, 0x27D4EB2F)):
+    x_BxL = (u32(tokens_BxL) + u32(salt)) * u32(mult) ^ (index_BxL * u32(salt) + u32(mult))
+    x_BxL = (x_BxL ^ (x_BxL >> 15)) * u32(0x2C1B3C6D)  # mix, so a sum of terms is a hash
+    ids.append(jnp.sum(jnp.where(mask_BxL.astype(bool), x_BxL ^ (x_BxL >> 13), u32(0)),
+                       axis=1, dtype=jnp.uint32))
+  return jnp.stack(ids, axis=1)
+
+
 # --- state sampling for the contrastive term ---
 
 def _uniform_index(key, allowed_XxL, num: int) -> jax.Array:
@@ -65,39 +104,51 @@ class StateIndices(NamedTuple):
   src_BxS: jax.Array
   goal_BxSxG: jax.Array  # G = 1 unless goal="avg"
   neg_BxS: jax.Array
-  valid_BxS: jax.Array  # False for a pair with no room for source < goal, or no rejected response
+  valid_BxS: jax.Array  # the pair's ``valid_pairs`` for each sample
 
 
-def sample_state_indices(key, response_chosen_BxL, response_rejected_BxL, last_chosen_B, *,
+def _source_ok(response_chosen_BxL, last_chosen_B, goal: str):
+  """Where a source may be: a chosen response token with a goal strictly after it."""
+  pos_1xL = jnp.arange(response_chosen_BxL.shape[1])[None, :]
+  resp_BxL = response_chosen_BxL.astype(bool)
+  if goal == "final":
+    end_B = last_chosen_B
+  else:
+    end_B = jnp.max(jnp.where(resp_BxL, pos_1xL, -1), axis=1)  # last response position
+  return resp_BxL & (pos_1xL < end_B[:, None])
+
+
+def valid_pairs(response_chosen_BxL, negatives_BxL, last_chosen_B, goal: str) -> jax.Array:
+  """Pairs that give contrastive samples: room for source < goal, and at least one negative."""
+  return (jnp.any(_source_ok(response_chosen_BxL, last_chosen_B, goal), axis=1)
+          & jnp.any(negatives_BxL.astype(bool), axis=1))
+
+
+def sample_state_indices(key, response_chosen_BxL, negatives_BxL, last_chosen_B, *,
                          num_samples: int, goal: str, num_goal_samples: int = 4
                          ) -> StateIndices:
   """Positions of source, goal and negative states.
 
-  Sources and goals come from the chosen response with source < goal strictly; negatives come from
-  the rejected response. ``valid`` is False for a pair whose chosen response cannot hold a source
-  before a goal, or whose rejected response is empty.
+  Sources and goals come from the chosen response with source < goal strictly; negatives from
+  the allowed rejected positions ``negatives`` (the rejected response from its first token that
+  differs from the chosen sequence: ``diverged``). ``valid`` is ``valid_pairs``.
   """
   if goal not in GOALS:
     raise ValueError(f"goal={goal!r}: expected one of {GOALS}")
   k_src, k_goal, k_neg = jax.random.split(key, 3)
   b, l = response_chosen_BxL.shape
   pos_L = jnp.arange(l)
-  resp_BxL = response_chosen_BxL.astype(bool)
-  if goal == "final":
-    end_B = last_chosen_B
-  else:
-    end_B = jnp.max(jnp.where(resp_BxL, pos_L, -1), axis=1)  # last response position
-  src_ok_BxL = resp_BxL & (pos_L < end_B[:, None])
+  src_ok_BxL = _source_ok(response_chosen_BxL, last_chosen_B, goal)
   src_BxS = _uniform_index(k_src, src_ok_BxL, num_samples).T
   if goal == "final":
     goal_BxSxG = jnp.broadcast_to(last_chosen_B[:, None, None], (b, num_samples, 1))
   else:
-    goal_ok_BxSxL = resp_BxL[:, None, :] & (pos_L > src_BxS[..., None])
+    goal_ok_BxSxL = (response_chosen_BxL.astype(bool)[:, None, :]
+                     & (pos_L[None, None, :] > src_BxS[..., None]))
     g = num_goal_samples if goal == "avg" else 1
     goal_BxSxG = jnp.moveaxis(_uniform_index(k_goal, goal_ok_BxSxL, g), 0, -1)
-  neg_ok_BxL = response_rejected_BxL.astype(bool)
-  neg_BxS = _uniform_index(k_neg, neg_ok_BxL, num_samples).T
-  valid_B = jnp.any(src_ok_BxL, axis=1) & jnp.any(neg_ok_BxL, axis=1)
+  neg_BxS = _uniform_index(k_neg, negatives_BxL.astype(bool), num_samples).T
+  valid_B = valid_pairs(response_chosen_BxL, negatives_BxL, last_chosen_B, goal)
   return StateIndices(src_BxS, goal_BxSxG, neg_BxS,
                       jnp.broadcast_to(valid_B[:, None], src_BxS.shape))
 
@@ -127,8 +178,9 @@ def contrastive_paper_loss(h_src_BxSxD, h_goal_BxSxD, h_neg_BxSxD, valid_BxS, *,
   """The paper's binary contrastive loss on cosine similarities.
 
   ``mean_log`` (default): mean over valid samples of ``-log σ(cos⁺/τ) - log(1 - σ(cos⁻/τ))``.
-  ``log_mean``: the official implementation's reduction, ``-log mean σ(cos⁺/τ) -
-  log(1 - mean σ(cos⁻/τ))`` over the whole batch (kept to reproduce its numbers).
+  ``log_mean``: the official implementation's reduction, per sequence ``-log mean_s σ(cos⁺/τ) -
+  log(1 - mean_s σ(cos⁻/τ))`` over its valid samples (it trains one sequence per micro-batch),
+  then the mean over sequences with a valid sample (kept to reproduce its numbers).
   Either is 0 when no sample is valid.
   """
   pos_BxS = cosine(h_src_BxSxD, h_goal_BxSxD) / temperature
@@ -137,30 +189,36 @@ def contrastive_paper_loss(h_src_BxSxD, h_goal_BxSxD, h_neg_BxSxD, valid_BxS, *,
   if reduction == "mean_log":
     return _masked_mean(jax.nn.softplus(-pos_BxS) + jax.nn.softplus(neg_BxS), w_BxS)
   if reduction == "log_mean":
-    # no valid sample: the term is 0 (the means of nothing would give log(0))
-    any_valid = jnp.any(valid_BxS)
-    pos = jnp.where(any_valid, _masked_mean(jax.nn.sigmoid(pos_BxS), w_BxS), 1.0)
-    neg = jnp.where(any_valid, _masked_mean(jax.nn.sigmoid(neg_BxS), w_BxS), 0.0)
-    return -jnp.log(pos) - jnp.log1p(-neg)
+    n_B = jnp.sum(w_BxS, axis=1)
+    seq_B = (n_B > 0).astype(w_BxS.dtype)
+    per_seq = lambda x_BxS: jnp.sum(x_BxS * w_BxS, axis=1) / jnp.maximum(n_B, 1.0)
+    # a sequence without valid samples: log(1) - log1p(0) = 0 (the means of nothing: log(0))
+    pos_B = jnp.where(n_B > 0, per_seq(jax.nn.sigmoid(pos_BxS)), 1.0)
+    neg_B = jnp.where(n_B > 0, per_seq(jax.nn.sigmoid(neg_BxS)), 0.0)
+    return _masked_mean(-jnp.log(pos_B) - jnp.log1p(-neg_B), seq_B)
   raise ValueError(f"reduction={reduction!r}: expected one of {PAPER_REDUCTIONS}")
 
 
 def contrastive_infonce_loss(h_src_BxSxD, h_goal_BxSxD, h_neg_BxSxD, valid_BxS, *,
-                             temperature: float = 0.1) -> jax.Array:
+                             temperature: float = 0.1, same_BxB=None) -> jax.Array:
   """InfoNCE with in-batch negatives over the whole (global) batch.
 
   For source state (i, s) the positive is its own goal g[i, s]; the negatives are the goals of
-  every *other* sequence j != i (all their samples) and the rejected states of pair i. Other goals
-  of sequence i are excluded: they are futures of the same trajectory, not negatives.
+  every sequence j that is another trajectory (``same_BxB[i, j]`` False; by default every j != i)
+  and the rejected states of pair i. Other goals of i's trajectory (its other samples, and every
+  sample of a copy of it elsewhere in the batch) are excluded: they are futures of the same
+  trajectory, not negatives.
   Under jit on a sharded batch the B x B similarity is global (XLA gathers across devices).
   """
   b, s, _ = h_src_BxSxD.shape
+  if same_BxB is None:
+    same_BxB = jnp.eye(b, dtype=bool)
   normalise = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-8)
   src, goal, neg = normalise(h_src_BxSxD), normalise(h_goal_BxSxD), normalise(h_neg_BxSxD)
   sim_goal_BxSxBxS = jnp.einsum("isd,jtd->isjt", src, goal) / temperature
   sim_neg_BxSxS = jnp.einsum("isd,itd->ist", src, neg) / temperature
   eye_B = jnp.eye(b, dtype=bool)
-  other_seq_BxSxBxS = ~eye_B[:, None, :, None] & valid_BxS[None, None, :, :]
+  other_seq_BxSxBxS = ~same_BxB[:, None, :, None] & valid_BxS[None, None, :, :]
   own_BxSxBxS = eye_B[:, None, :, None] & jnp.eye(s, dtype=bool)[None, :, None, :]
   allowed = jnp.concatenate([(other_seq_BxSxBxS | own_BxSxBxS).reshape(b, s, b * s),
                              jnp.broadcast_to(valid_BxS[:, None, :], (b, s, s))], axis=-1)
@@ -195,26 +253,31 @@ class ContrastiveTerm:
     if self.goal not in GOALS:
       raise ValueError(f"goal={self.goal!r}: expected one of {GOALS}")
 
-  def sample(self, key, response_chosen_BxL, response_rejected_BxL, mask_chosen_BxL
-             ) -> StateIndices:
+  def sample(self, key, response_chosen_BxL, negatives_BxL, mask_chosen_BxL) -> StateIndices:
     return sample_state_indices(
-        key, response_chosen_BxL, response_rejected_BxL, last_token_index(mask_chosen_BxL),
+        key, response_chosen_BxL, negatives_BxL, last_token_index(mask_chosen_BxL),
         num_samples=self.num_samples, goal=self.goal, num_goal_samples=self.num_goal_samples)
 
-  def from_states(self, h_chosen_BxLxD, h_rejected_BxLxD, idx: StateIndices):
+  def num_valid(self, response_chosen_BxL, negatives_BxL, mask_chosen_BxL) -> jax.Array:
+    """How many pairs give samples: what the loss averages over (times ``num_samples``)."""
+    return jnp.sum(valid_pairs(response_chosen_BxL, negatives_BxL,
+                               last_token_index(mask_chosen_BxL), self.goal))
+
+  def from_states(self, h_chosen_BxLxD, h_rejected_BxLxD, idx: StateIndices, chosen_id_Bx2):
     h_src, h_goal, h_neg = gather_states(h_chosen_BxLxD, h_rejected_BxLxD, idx.src_BxS,
                                          idx.goal_BxSxG, idx.neg_BxS)
     if self.mode == "paper":
       loss = contrastive_paper_loss(h_src, h_goal, h_neg, idx.valid_BxS,
                                     temperature=self.temperature, reduction=self.reduction)
     else:
+      same_BxB = jnp.all(chosen_id_Bx2[:, None, :] == chosen_id_Bx2[None, :, :], axis=-1)
       loss = contrastive_infonce_loss(h_src, h_goal, h_neg, idx.valid_BxS,
-                                      temperature=self.temperature)
+                                      temperature=self.temperature, same_BxB=same_BxB)
     w_BxS = idx.valid_BxS.astype(jnp.float32)
     return loss, {"cos_pos": _masked_mean(cosine(h_src, h_goal), w_BxS),
                   "cos_neg": _masked_mean(cosine(h_neg, h_goal), w_BxS)}
 
   def __call__(self, out: PairOutputs, key):
-    idx = self.sample(key, out.response_chosen_BxL, out.response_rejected_BxL,
-                      out.mask_chosen_BxL)
-    return self.from_states(out.h_chosen_BxLxD, out.h_rejected_BxLxD, idx)
+    idx = self.sample(key, out.response_chosen_BxL, out.negatives_BxL, out.mask_chosen_BxL)
+    return self.from_states(out.h_chosen_BxLxD, out.h_rejected_BxLxD, idx, out.chosen_id_Bx2)
+

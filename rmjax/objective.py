@@ -69,8 +69,9 @@ def build_terms(loss_cfg) -> Terms:
 def forward_pairs(model, batch, start_layer: int = 0, rows_Bx2xP=None) -> losses.PairOutputs:
   """Runs chosen and rejected sequences through the model in one pass of 2B sequences.
 
-  A batch from the loss lab carries ``features`` [B, 2, L, D] (the cached hidden states entering
-  block ``start_layer``) instead of ``tokens``; the rest of the model runs on them. ``rows``:
+  A batch from the loss lab also carries ``features`` [B, 2, L, D] (the cached hidden states
+  entering block ``start_layer``); the rest of the model runs on them (``tokens`` then only say
+  which states are negatives and which sequences are copies: ``pair_identity``). ``rows``:
   compute (and return as ``h``) only the states at these positions of each sequence.
   """
   b, _, l = batch["mask"].shape
@@ -81,6 +82,7 @@ def forward_pairs(model, batch, start_layer: int = 0, rows_Bx2xP=None) -> losses
         batch["features"].reshape(2 * b, l, -1), mask_2BxL, start_layer, rows_2BxP)
   else:
     reward_2B, h_2BxLxD = model(batch["tokens"].reshape(2 * b, l), mask_2BxL, rows_2BxP)
+  negatives_BxL, chosen_id_Bx2 = pair_identity(batch)
   reward_Bx2 = reward_2B.reshape(b, 2)
   h_Bx2xLxD = h_2BxLxD.reshape(b, 2, *h_2BxLxD.shape[1:])
   return losses.PairOutputs(
@@ -88,7 +90,16 @@ def forward_pairs(model, batch, start_layer: int = 0, rows_Bx2xP=None) -> losses
       h_chosen_BxLxD=h_Bx2xLxD[:, 0], h_rejected_BxLxD=h_Bx2xLxD[:, 1],
       mask_chosen_BxL=batch["mask"][:, 0], mask_rejected_BxL=batch["mask"][:, 1],
       response_chosen_BxL=batch["response"][:, 0], response_rejected_BxL=batch["response"][:, 1],
-      margin_B=batch["margin"])
+      margin_B=batch["margin"], negatives_BxL=negatives_BxL, chosen_id_Bx2=chosen_id_Bx2)
+
+
+def pair_identity(batch) -> tuple[jax.Array, jax.Array]:
+  """From the tokens: where negatives may be drawn (the rejected response from its first token
+  that differs from the chosen sequence), and the chosen sequence's id (copies share it)."""
+  tokens, mask = batch["tokens"], batch["mask"]
+  diverged_BxL = losses.diverged(tokens[:, 0], mask[:, 0], tokens[:, 1], mask[:, 1])
+  negatives_BxL = batch["response"][:, 1].astype(bool) & diverged_BxL
+  return negatives_BxL, losses.sequence_id(tokens[:, 0], mask[:, 0])
 
 
 def sampled_rows(batch, key, terms: Terms):
@@ -99,11 +110,12 @@ def sampled_rows(batch, key, terms: Terms):
   Each term samples with the key the dense path gives it, so both see the same states.
   """
   b = batch["mask"].shape[0]
+  negatives_BxL, _ = pair_identity(batch)
   rows_c, rows_r, calls = [], [], []
   for i, (name, weight, fn) in enumerate(terms):
     if isinstance(fn, losses.ContrastiveTerm):
-      idx = fn.sample(jax.random.fold_in(key, i), batch["response"][:, 0],
-                      batch["response"][:, 1], batch["mask"][:, 0])
+      idx = fn.sample(jax.random.fold_in(key, i), batch["response"][:, 0], negatives_BxL,
+                      batch["mask"][:, 0])
       s, g = idx.goal_BxSxG.shape[1:]
       start_c, start_r = sum(r.shape[1] for r in rows_c), sum(r.shape[1] for r in rows_r)
       rows_c += [idx.src_BxS, idx.goal_BxSxG.reshape(b, s * g)]
@@ -127,15 +139,29 @@ def _count(start: int, shape) -> jax.Array:
 
 def _on_rows(term: losses.ContrastiveTerm, idx: losses.StateIndices, out, key):
   del key  # sampled already
-  return term.from_states(out.h_chosen_BxLxD, out.h_rejected_BxLxD, idx)
+  return term.from_states(out.h_chosen_BxLxD, out.h_rejected_BxLxD, idx, out.chosen_id_Bx2)
 
 
-def objective(model, batch, key, terms: list[Term], start_layer: int = 0):
+def sample_counts(batch, terms: list[Term]) -> dict[str, jax.Array]:
+  """For each contrastive term, how many pairs of ``batch`` its mean is over (``num_valid``):
+  gradient accumulation weighs each micro-batch's mean by it, as one big batch would."""
+  counts, negatives_BxL = {}, None
+  for name, _, fn in terms:
+    if isinstance(fn, losses.ContrastiveTerm):
+      if negatives_BxL is None:
+        negatives_BxL, _ = pair_identity(batch)
+      counts[name] = fn.num_valid(batch["response"][:, 0], negatives_BxL, batch["mask"][:, 0])
+  return counts
+
+
+def objective(model, batch, key, terms: list[Term], start_layer: int = 0, scales=None):
   """Total loss and a flat metrics dict (``<term>_loss``, ``<term>/<metric>``, ...).
 
   With sparse ``terms`` (``build_terms``) the last block runs only at the last token and the
-  sampled states: same loss and gradients, for a fraction of that block's cost.
+  sampled states: same loss and gradients, for a fraction of that block's cost. ``scales``:
+  ``{term name: factor}`` applied to those terms' losses (gradient accumulation's weights).
   """
+  scales = scales or {}
   if getattr(terms, "sparse", False):
     rows_Bx2xP, terms = sampled_rows(batch, key, terms)
     out = forward_pairs(model, batch, start_layer, rows_Bx2xP)
@@ -146,6 +172,7 @@ def objective(model, batch, key, terms: list[Term], start_layer: int = 0):
   for i, (name, weight, fn) in enumerate(terms):
     result = fn(out, jax.random.fold_in(key, i))
     value, extra = result if isinstance(result, tuple) else (result, {})
+    value = value * scales.get(name, 1.0)
     total = total + weight * value
     metrics[f"{name}_loss"] = value
     metrics.update({f"{name}/{k}": v for k, v in extra.items()})

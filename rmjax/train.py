@@ -144,9 +144,9 @@ def make_train_step(graphdef, terms, *, accum_steps: int, seed: int, trainable=n
     key = jax.random.fold_in(base_key, opt.step[...])
     model_def, params, rest = nnx.split(model, trainable, ...)
 
-    def loss_fn(params, micro_batch, key):
+    def loss_fn(params, micro_batch, key, scales=None):
       return objective.objective(nnx.merge(model_def, params, rest), micro_batch, key, terms,
-                                 start_layer)
+                                 start_layer, scales)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accum_steps == 1:
@@ -155,19 +155,22 @@ def make_train_step(graphdef, terms, *, accum_steps: int, seed: int, trainable=n
       if batch["mask"].shape[0] % accum_steps:
         raise ValueError(f"train.batch_size={batch['mask'].shape[0]} does not split into "
                          f"train.accum_steps={accum_steps} equal micro-batches")
-      # micro-batch a takes rows a, a+A, a+2A, ...: every device keeps an equal share. Losses
-      # are averaged over micro-batches, each weighing the same (a term that averages over its
-      # valid samples, the contrastive one, is not reweighted by their number)
+      # micro-batch a takes rows a, a+A, a+2A, ...: every device keeps an equal share
       micro = jax.tree.map(
           lambda x: jnp.swapaxes(x.reshape(-1, accum_steps, *x.shape[1:]), 0, 1), batch)
+      # a term that averages over its valid samples (contrastive) weighs micro-batch a by its
+      # share of them, so the sum is the big batch's mean; the others weigh each the same
+      counts = jax.vmap(lambda mb: objective.sample_counts(mb, terms))(micro)
+      scales = {name: accum_steps * c_A / jnp.maximum(jnp.sum(c_A), 1)
+                for name, c_A in counts.items()}
 
       def accumulate(grads_sum, xs):
-        micro_batch, a = xs
-        (_, m), g = grad_fn(params, micro_batch, jax.random.fold_in(key, a))
+        micro_batch, a, scale = xs
+        (_, m), g = grad_fn(params, micro_batch, jax.random.fold_in(key, a), scale)
         return jax.tree.map(jnp.add, grads_sum, g), m
 
       grads, metrics = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params),
-                                    (micro, jnp.arange(accum_steps)))
+                                    (micro, jnp.arange(accum_steps), scales))
       grads = jax.tree.map(lambda g: g / accum_steps, grads)
       metrics = jax.tree.map(jnp.mean, metrics)
     metrics["grad_norm"] = optax.tree.norm(grads)

@@ -42,16 +42,6 @@ def test_paper_loss_mean_log_matches_numpy(tau):
   np.testing.assert_allclose(got, np.mean(terms), rtol=1e-5)
 
 
-def test_paper_loss_official_log_mean_matches_numpy():
-  src, goal, neg, valid = random_states(2)
-  sig = lambda x: 1 / (1 + np.exp(-x))
-  pos = [sig(np_cos(src[b, s], goal[b, s])) for b, s in zip(*np.nonzero(valid))]
-  ngs = [sig(np_cos(neg[b, s], goal[b, s])) for b, s in zip(*np.nonzero(valid))]
-  want = -np.log(np.mean(pos)) - np.log(1 - np.mean(ngs))
-  got = losses.contrastive_paper_loss(src, goal, neg, valid, reduction="log_mean")
-  np.testing.assert_allclose(got, want, rtol=1e-5)
-
-
 @pytest.mark.parametrize("reduction", losses.PAPER_REDUCTIONS)
 def test_paper_loss_is_zero_with_finite_grads_when_no_sample_is_valid(reduction):
   src, goal, neg, _ = random_states(4)
@@ -139,12 +129,23 @@ def test_avg_goal_is_mean_of_sampled_states():
   np.testing.assert_allclose(h_neg[1, 1], h_r[1, 5])
 
 
-def test_contrastive_term_is_finite_with_degenerate_pairs():
+def test_degenerate_pairs_give_no_samples_and_finite_gradients():
+  """Pair 0 has a 1-token chosen response (no source before a goal), pair 1 no rejected
+  response: they give no sample, no gradient reaches them, and the term is the numpy mean over
+  the other pairs' samples."""
   resp_c, resp_r, mask_c = random_masks(6)
-  rng = np.random.default_rng(6)
-  h = jnp.asarray(rng.normal(size=(6, 24, 8)), jnp.float32)
-  out = losses.PairOutputs(jnp.zeros(6), jnp.zeros(6), h, h + 1, mask_c, mask_c, resp_c, resp_r,
-                           jnp.zeros(6))
-  for mode in ("paper", "infonce"):
-    loss, metrics = losses.ContrastiveTerm(mode=mode, goal="avg")(out, jax.random.key(0))
-    assert np.isfinite(loss) and np.isfinite(metrics["cos_pos"])
+  h = jnp.asarray(np.random.default_rng(6).normal(size=(6, 24, 8)), jnp.float32)
+  ids = jnp.stack([jnp.arange(6, dtype=jnp.uint32)] * 2, axis=1)
+  term = losses.ContrastiveTerm(goal="avg", temperature=0.5)
+  out = lambda h: losses.PairOutputs(jnp.zeros(6), jnp.zeros(6), h, h + 1, mask_c, mask_c,
+                                     resp_c, resp_r, jnp.zeros(6), resp_r, ids)
+  loss, grad = jax.value_and_grad(lambda h: term(out(h), jax.random.key(0))[0])(h)
+  idx = jax.device_get(term.sample(jax.random.key(0), resp_c, resp_r, mask_c))
+  assert not idx.valid_BxS[:2].any() and idx.valid_BxS[2:].all()
+  assert np.isfinite(grad).all() and not np.asarray(grad[:2]).any()
+  hn = np.asarray(h)
+  want = [-log_sigmoid(np_cos(hn[b, idx.src_BxS[b, s]], goal) / 0.5)
+          - np.log(1 - 1 / (1 + np.exp(-np_cos(hn[b, idx.neg_BxS[b, s]] + 1, goal) / 0.5)))
+          for b in range(2, 6) for s in range(term.num_samples)
+          for goal in [hn[b, idx.goal_BxSxG[b, s]].mean(0)]]
+  np.testing.assert_allclose(loss, np.mean(want), rtol=1e-5)
