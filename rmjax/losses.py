@@ -15,8 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmjax.models.llama import gather_rows
-from rmjax.models.reward import last_token_index
+from rmjax.indexing import first_token_index, gather_rows, last_token_index
 
 GOALS = ("random", "avg", "final")
 PAPER_REDUCTIONS = ("mean_log", "log_mean")
@@ -59,19 +58,15 @@ def pair_metrics(reward_chosen_B, reward_rejected_B) -> dict[str, jax.Array]:
 
 # --- which states may be compared ---
 
-def _content_start(mask_BxL):
-  return jnp.argmax(mask_BxL.astype(bool), axis=1)  # first real token (rows are contiguous)
-
-
 def diverged(tokens_a_BxL, mask_a_BxL, tokens_b_BxL, mask_b_BxL) -> jax.Array:
   """1 at the real tokens of ``b`` from the first one where ``b`` differs from ``a`` on: tokens
   compared by their index among the real ones, so right and left padding alike. A ``b`` that is
   ``a`` or a prefix of it is 0 everywhere; a longer ``b`` diverges where ``a`` ends."""
   l = tokens_a_BxL.shape[1]
   real_b_BxL = mask_b_BxL.astype(bool)
-  index_BxL = jnp.arange(l)[None, :] - _content_start(mask_b_BxL)[:, None]  # among b's real
+  index_BxL = jnp.arange(l)[None, :] - first_token_index(mask_b_BxL)[:, None]  # among b's real
   in_a_BxL = index_BxL < jnp.sum(mask_a_BxL, axis=1, keepdims=True)
-  where_a_BxL = jnp.clip(_content_start(mask_a_BxL)[:, None] + index_BxL, 0, l - 1)
+  where_a_BxL = jnp.clip(first_token_index(mask_a_BxL)[:, None] + index_BxL, 0, l - 1)
   same_BxL = in_a_BxL & (jnp.take_along_axis(tokens_a_BxL, where_a_BxL, axis=1) == tokens_b_BxL)
   differs_BxL = real_b_BxL & ~same_BxL
   return (jnp.cumsum(differs_BxL, axis=1) > 0) & real_b_BxL
@@ -81,7 +76,7 @@ def sequence_id(tokens_BxL, mask_BxL) -> jax.Array:
   """A 64-bit hash of each sequence's real tokens ([B, 2] uint32): equal for copies of a
   sequence whatever their padding, different otherwise (up to hash collisions, ~B²/2⁶⁵)."""
   u32 = lambda x: jnp.asarray(x, jnp.uint32)
-  index_BxL = u32(jnp.arange(tokens_BxL.shape[1])[None, :] - _content_start(mask_BxL)[:, None])
+  index_BxL = u32(jnp.arange(tokens_BxL.shape[1])[None, :] - first_token_index(mask_BxL)[:, None])
   ids = []
   for mult, salt in ((0x9E3779B1, 0x85EBCA77), (0xC2B2AE3D, 0x27D4EB2F)):
     x_BxL = (u32(tokens_BxL) + u32(salt)) * u32(mult) ^ (index_BxL * u32(salt) + u32(mult))

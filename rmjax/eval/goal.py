@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rmjax.losses import cosine
-from rmjax.models.reward import last_token_index
+from rmjax.indexing import last_token_index
 
 GOAL_FILE = "goal.npy"
 

@@ -16,6 +16,8 @@ import numpy as np
 from flax import nnx
 from flax.core import spmd as flax_spmd
 
+from rmjax.indexing import gather_rows
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {"none": None, "dots_saveable": jax.checkpoint_policies.dots_saveable,
                   "full": jax.checkpoint_policies.nothing_saveable}
@@ -116,14 +118,9 @@ def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
   return inv_freq.astype(np.float32)
 
 
-def gather_rows(x_BxLxD: jax.Array, rows_BxP: jax.Array) -> jax.Array:
-  """``x[b, rows[b, p]]``: the states at given positions of each sequence, [B, P, D]."""
-  return jnp.take_along_axis(x_BxLxD, rows_BxP[..., None], axis=1)
-
-
 def rope(x_BxLxNxH: jax.Array, pos_BxL: jax.Array, inv_freq: np.ndarray) -> jax.Array:
   """Rotary embedding, rotate-half layout (as Hugging Face Llama)."""
-  ang_BxLxH = jnp.concatenate([pos_BxL[..., None] * inv_freq] * 2, axis=-1)[:, :, None, :]
+  ang_BxLxH = jnp.concatenate([pos_BxL[..., None] * inv_freq[None, None, :]] * 2, axis=-1)[:, :, None, :]
   x = x_BxLxNxH.astype(jnp.float32)
   x1, x2 = jnp.split(x, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)

@@ -8,19 +8,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rmjax.models.llama import Llama, LlamaConfig, gather_rows, jitted_init
+from rmjax.indexing import gather_rows, last_token_index
+from rmjax.models.llama import Llama, LlamaConfig, jitted_init
 
 
 def _head(cfg: LlamaConfig, *, rngs: nnx.Rngs) -> nnx.Linear:
   init = nnx.initializers.normal(1.0 / (cfg.dim + 1))
   return nnx.Linear(cfg.dim, 1, use_bias=False, dtype=jnp.float32,
                     kernel_init=nnx.with_partitioning(init, ("embed", None)), rngs=rngs)
-
-
-def last_token_index(mask_BxL: jax.Array) -> jax.Array:
-  """Index of the last real (mask=1) token: right, left or no padding alike."""
-  pos_BxL = jnp.arange(mask_BxL.shape[1])[None, :]
-  return jnp.max(jnp.where(mask_BxL.astype(bool), pos_BxL, -1), axis=1)
 
 
 class RewardModel(nnx.Module):
