@@ -217,3 +217,14 @@ def test_accumulation_weighs_micro_batches_by_their_valid_samples(mesh1, mode, r
   np.testing.assert_allclose(got["loss"], loss, rtol=1e-5)
   np.testing.assert_allclose(got["grad_norm"], float(jax.numpy.sqrt(sum(
       (g ** 2).sum() for g in jax.tree.leaves(grads)))), rtol=1e-4)
+
+
+def test_length_report_counts_the_shared_part_of_rejected_responses():
+  from rmjax.data.pipeline import length_report
+  from rmjax.data.tokenizer import ByteTokenizer
+  pairs = [("Q:", "abcX", "abcY"), ("Q:", "ab", "ab"), ("Q:", "xy", "zzzz"), ("P", "ab", "abcd")]
+  src = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in pairs]
+  report = length_report(src, ByteTokenizer(), 64)
+  # shared characters (bytes) of each rejected response: 3, 2, 0, 2 of 4, 2, 4, 4
+  assert report["shared_response"] == pytest.approx(7 / 14)
+  assert report["pairs_without_negatives"] == 1

@@ -184,19 +184,30 @@ def train_dataset(source, tokenizer, *, global_batch_size: int, max_len: int, se
 
 
 def length_report(source, tokenizer, max_len: int, limit: int | None = None) -> dict:
-  """Token lengths of (the first ``limit``) pairs' rows and what ``max_len`` would cut."""
+  """Token lengths of (the first ``limit``) pairs' rows, what ``max_len`` would cut, and how much
+  of the rejected responses the chosen sequences share token for token (``shared_response``:
+  before their first differing token, where no contrastive negative is drawn)."""
   n = len(source) if limit is None else min(limit, len(source))
-  lengths, cuts = [], []
+  lengths, cuts, shared, rejected, no_negatives = [], [], 0, 0, 0
   for i in range(n):
+    ids = {}
     for side in ("chosen", "rejected"):
       prompt_ids, response_ids = encode_texts(source[i], side, tokenizer)
+      ids[side] = (prompt_ids + response_ids, len(prompt_ids))
       lengths.append(len(prompt_ids) + len(response_ids))
       cuts.append(sum(fit(len(prompt_ids), len(response_ids), max_len,
                           kept_prefix(tokenizer, prompt_ids))))
+    (chosen, _), (other, n_prompt) = ids["chosen"], ids["rejected"]
+    first = next((k for k, (a, b) in enumerate(zip(chosen, other)) if a != b),
+                 min(len(chosen), len(other)))
+    shared += min(max(first - n_prompt, 0), len(other) - n_prompt)
+    rejected += len(other) - n_prompt
+    no_negatives += first >= len(other)
   lengths, cuts = np.asarray(lengths), np.asarray(cuts)
   return {"pairs": n, "rows_truncated": int((cuts > 0).sum()), "tokens_cut": int(cuts.sum()),
-          "mean_length": float(lengths.mean()), **{f"p{q}_length": float(np.percentile(lengths, q))
-                                                    for q in (50, 90, 99, 100)}}
+          "mean_length": float(lengths.mean()),
+          **{f"p{q}_length": float(np.percentile(lengths, q)) for q in (50, 90, 99, 100)},
+          "shared_response": shared / max(rejected, 1), "pairs_without_negatives": no_negatives}
 
 
 def eval_batches(source, tokenizer, *, global_batch_size: int, max_len: int,
