@@ -22,12 +22,17 @@ from jax.experimental import multihost_utils
 log = logging.getLogger(__name__)
 
 
-def write_json(path: str, obj, **dump_kwargs) -> None:
-  """Writes ``obj`` as JSON to ``path`` atomically (a temporary file, then a rename), so that a
-  crash mid-write leaves the previous file, never a truncated one."""
+def write_text(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` atomically (a temporary file, then a rename), so that a crash
+  mid-write leaves the previous file, never a truncated one."""
   with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, **{"indent": 1, **dump_kwargs})
+    f.write(text)
   os.replace(path + ".tmp", path)
+
+
+def write_json(path: str, obj, **dump_kwargs) -> None:
+  """Writes ``obj`` as JSON to ``path`` atomically (``write_text``)."""
+  write_text(path, json.dumps(obj, **{"indent": 1, **dump_kwargs}))
 
 
 class Checkpointer:

@@ -33,7 +33,7 @@ from rmjax.data.pipeline import encode_pair, encode_sequence, kept_prefix
 from rmjax.eval import goal as goal_lib, localize, plots
 from rmjax.eval.metrics import (auroc, auroc_ci, markdown_table, preference_metrics,
                                 unique_solutions)
-from rmjax.train import unpack
+from rmjax.train import model_config, unpack
 
 VOTING_SKIPPED = ("pair data has one correct and one incorrect solution per problem, not several "
                   "sampled solutions with final answers; see rmjax.eval.voting")
@@ -133,7 +133,7 @@ def evaluate(config, checkpoint: str, out_dir: str | None = None, *, goal_exampl
     run = lambda rows, goal_D, desc: run_sequences(
         forward, state, rows, goal_D, batch_size=2 * config.train.batch_size, mesh=mesh,
         rules=rules, desc=desc)
-    d = config.model.dim
+    d = model_config(config).dim  # the checkpoint's with model.init_from
 
     # --- goal: correct (chosen) training solutions ---
     train_source = sources.make_source(config, "train")

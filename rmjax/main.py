@@ -4,12 +4,22 @@ An existing ``--workdir`` resumes its run from the newest good checkpoint. The s
 on every process of a multi-process job: TPU pods and SLURM steps are detected
 (``--distributed=auto``); elsewhere pass ``--coordinator=host:port --num_processes=N
 --process_id=i``. Only process 0 writes metrics and prints.
+
+A run's config is fixed at its first start (``workdir/config.json``, which evaluation and export
+read): a resume whose config differs is refused with the differing fields, unless
+``--allow_config_change`` is passed. Then ``config.json`` becomes the new config, the start is
+recorded in ``config_history.jsonl`` (a JSON line per start that changed it: ``time``, ``step``, the
+newest checkpoint's when there is one, and ``changed``: ``{field: {"old": ..., "new": ...}}``),
+and the first start's ``config.json`` is kept as ``config_original.json``. Fields that say where
+and how the run runs (``RESUME_EXEMPT``) may change without the flag, and are recorded too.
+Another model architecture is refused even with the flag.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import time
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -24,6 +34,11 @@ _DISTRIBUTED = flags.DEFINE_enum(
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0's coordinator.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's rank, 0..num_processes-1.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False,
+    "Resume --workdir's run with a config that differs from its config.json (the architecture "
+    "excepted): config.json becomes this config, the change is recorded in config_history.jsonl "
+    "and the first config is kept as config_original.json.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -38,30 +53,88 @@ def main(argv):
   lead = jax.process_index() == 0  # the only process that logs, prints and writes metrics
   logging.getLogger("rmjax").setLevel(logging.INFO if lead else logging.WARNING)
   config = _CONFIG.value
-  save_config(config, _WORKDIR.value, write=lead)
+  save_config(config, _WORKDIR.value, write=lead,
+              allow_change=_ALLOW_CONFIG_CHANGE.value)
   final = train.train(config, _WORKDIR.value)
   if lead:
     print(json.dumps({"final_eval": final}))
 
 
-def save_config(config, workdir: str, *, write: bool = True) -> None:
+# config fields that may differ on any resume of a run: where it runs (the mesh, folders of the raw
+# data) and how the model runs (models.llama.RUN_ONLY_FIELDS); a change is still recorded
+RESUME_EXEMPT = ("mesh", "data.source_dir", "data.tfds_dir")
+
+
+def save_config(config, workdir: str, *, write: bool = True, allow_change: bool = False) -> None:
   """Writes ``workdir/config.json`` (atomically), which ``rmjax.evaluate`` and the exporter read.
-  A run resumed with another model architecture than the one there is refused."""
+
+  A resume with another config is refused, unless ``allow_change`` (``--allow_config_change``):
+  then the change is appended to ``config_history.jsonl`` and the first config kept as
+  ``config_original.json`` (module docstring). Another architecture is always refused.
+  """
   from rmjax import checkpoint, train
   path = os.path.join(workdir, "config.json")
   new = json.loads(config.to_json_best_effort())
+  changed = {}
   if os.path.exists(path):
     with open(path) as f:
-      old = json.load(f).get("model", {})
-    wrong = {k: (v, old[k]) for k, v in new["model"].items()
-             if k not in train.ARCH_EXEMPT and k in old and v != old[k]}
+      text = f.read()
+    old = json.loads(text)
+    old_model = old.get("model", {})
+    wrong = {k: (v, old_model[k]) for k, v in new["model"].items()
+             if k not in train.ARCH_EXEMPT and k in old_model and v != old_model[k]}
     if wrong:
       raise ValueError(f"{path}: this workdir's run has another architecture: " + ", ".join(
           f"model.{k}={a!r} (config.json: {b!r})" for k, (a, b) in wrong.items())
           + "; use a new --workdir, or the run's config")
-  if write:
-    os.makedirs(workdir, exist_ok=True)
-    checkpoint.write_json(path, new, indent=2)
+    old_flat, new_flat = _flatten(old), _flatten(new)
+    changed = {k: {side: flat[k] for side, flat in (("old", old_flat), ("new", new_flat))
+                   if k in flat}
+               for k in sorted(old_flat.keys() | new_flat.keys())
+               if k not in old_flat or k not in new_flat or old_flat[k] != new_flat[k]}
+    exempt = (*RESUME_EXEMPT, *(f"model.{k}" for k in train.RUN_ONLY_FIELDS))
+    refused = [k for k in changed if not any(k == e or k.startswith(e + ".") for e in exempt)]
+    if refused and not allow_change:
+      absent = "(absent)"
+      raise ValueError(
+          f"{path}: this workdir's run was started with another config:\n" + "".join(
+              f"  {k}: {changed[k].get('old', absent)!r} (config.json) -> "
+              f"{changed[k].get('new', absent)!r} (now)\n" for k in refused)
+          + "Resume with the run's config, use a new --workdir, or pass --allow_config_change "
+          "to change it (recorded in config_history.jsonl)")
+  if not write:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  if changed:
+    original = os.path.join(workdir, "config_original.json")
+    if not os.path.exists(original):
+      checkpoint.write_text(original, text)
+    history = os.path.join(workdir, "config_history.jsonl")
+    step = _latest_checkpoint(workdir)
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              **({} if step is None else {"step": step}), "changed": changed}
+    previous = ""
+    if os.path.exists(history):
+      with open(history) as f:
+        previous = f.read()
+    checkpoint.write_text(history, previous + json.dumps(record) + "\n")
+  checkpoint.write_json(path, new, indent=2)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+  flat = {}
+  for k, v in tree.items():
+    flat.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+  return flat
+
+
+def _latest_checkpoint(workdir: str) -> int | None:
+  """The newest checkpoint's step (where a resume starts), without reading it."""
+  folder = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(folder):
+    return None
+  return max((int(name) for name in os.listdir(folder) if name.isdigit()), default=None)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from rmjax import convert, objective, sharding
-from rmjax.checkpoint import Checkpointer, write_json
+from rmjax.checkpoint import Checkpointer, write_json, write_text
 from rmjax.data import sources
 from rmjax.data.pipeline import encode_pair, eval_batches, train_dataset
 from rmjax.eval.metrics import preference_metrics, unique_solutions
@@ -219,14 +219,39 @@ def evaluate(eval_step, state, source, tokenizer, config, mesh, rules,
 # --- metrics output ---
 
 class MetricsWriter:
-  """``metrics.jsonl`` (one object per logged step) + TensorBoard events; process 0 only."""
+  """``metrics.jsonl`` (one object per logged step) + TensorBoard events; process 0 only.
 
-  def __init__(self, workdir: str):
+  A run resumed at step ``start`` redoes the steps after it: their lines are dropped from
+  ``metrics.jsonl`` (and a last line cut short by a crash), and TensorBoard hides their events
+  (``purge_step``: events from ``start + 1`` on; those of ``start`` are the checkpoint's).
+  """
+
+  def __init__(self, workdir: str, start: int = 0):
     self.enabled = jax.process_index() == 0
     if self.enabled:
       from tensorboardX import SummaryWriter
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      path = os.path.join(workdir, "metrics.jsonl")
+      if os.path.exists(path):
+        self._drop_after(path, start)
+      self._jsonl = open(path, "a")
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start + 1)
+
+  @staticmethod
+  def _drop_after(path: str, start: int) -> None:
+    """Rewrites ``path`` (atomically) without the lines of steps after ``start``."""
+    with open(path) as f:
+      lines = f.readlines()
+
+    def keep(line: str) -> bool:
+      if not line.endswith("\n"):
+        return False  # cut short by a crash
+      try:
+        return json.loads(line)["step"] <= start
+      except (ValueError, KeyError, TypeError):
+        return True  # not a metrics line: not ours to drop
+    kept = [line for line in lines if keep(line)]
+    if len(kept) < len(lines):
+      write_text(path, "".join(kept))
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -289,7 +314,7 @@ def train(config, workdir: str) -> dict[str, float]:
                         out_shardings=sharding.replicated(mesh))
 
     # --- loop ---
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, start)
     steps, cfg = config.train.steps, config.train
     limit = config.optim.max_consecutive_nonfinite
 
