@@ -170,7 +170,8 @@ def test_corrupt_latest_checkpoint_falls_back_and_keeps_it(tmp_path):
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
-  code, out, err = run_main(work, "--config.train.steps=12", "--config.train.ckpt_every=4")
+  code, out, err = run_main(work, "--config.train.steps=12", "--config.train.ckpt_every=4",
+                            "--allow_config_change")
   assert code == 0, err
   assert "cannot be restored" in err and "resumed" in err and "at step 4" in err
   assert (work / "checkpoints" / "8.corrupt-0" / "state").exists()  # nothing deleted
@@ -228,11 +229,11 @@ def test_config_json_refuses_another_architecture(tmp_path):
   config = tiny_config("bt")
   save_config(config, str(tmp_path))
   config.model.remat, config.train.steps = "full", 99  # not the architecture: written
-  save_config(config, str(tmp_path))
+  save_config(config, str(tmp_path), allow_change=True)
   config.model.num_layers, config.model.dim = 2, 48
   with pytest.raises(ValueError, match=r"model.dim=48 \(config.json: 32\), "
                                        r"model.num_layers=2 \(config.json: 1\)"):
-    save_config(config, str(tmp_path))
+    save_config(config, str(tmp_path), allow_change=True)  # the architecture: never
   with open(tmp_path / "config.json") as f:
     saved = json.load(f)
   assert saved["model"]["num_layers"] == 1 and saved["model"]["remat"] == "full"
