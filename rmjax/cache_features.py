@@ -13,8 +13,9 @@ parameters from block ``layer`` up (and the head), which the lab trains, and ``m
 Layout: ``OUT/meta.json``, ``OUT/top_params.npz``, ``OUT/<split>/<shard:05d>/<field>.npy``. Each
 shard is written to a temporary folder and renamed when complete: a killed run resumes at the
 first missing shard and never leaves a partial one; it refuses a cache of another layer, model
-(architecture or weights: ``meta["weights_sha256"]``), data or tokenizer. The disk size is printed
-before it starts.
+(architecture or weights: ``meta["weights_sha256"]``), data or tokenizer. A run that caches other
+splits into the same folder adds them to ``meta["splits"]`` (the earlier ones stay). The disk size
+is printed before it starts.
 
 # N: pairs, L: sequence length, D: model dim
 """
@@ -153,6 +154,7 @@ def cache(config, model, layer: int, out: str, splits=("train", "validation"), *
     if differ:
       raise ValueError(f"{out}: holds a cache made with other settings ({', '.join(differ)} "
                        "differ); use another --out")
+    meta["splits"] = {**old["splits"], **counts}  # splits cached by earlier runs stay readable
   write_json(meta_path, meta, default=str)
 
   np.savez(os.path.join(out, "top_params.tmp.npz"),

@@ -88,6 +88,24 @@ def test_make_source_names_unknown_data_and_missing_split(tmp_path):
     sources.make_source(config, "train")
 
 
+def test_preference_jsonl_rows_map_back_to_their_lines(tmp_path):
+  """The built split's order is not the file's: each row's ``id`` names its line."""
+  lines = [{"prompt": f"Q{k}", "chosen": f"a{k}", "rejected": f"b{k}"} for k in range(24)]
+  for k in range(0, 24, 3):
+    lines[k].update(id=f"pair-{k}", problem_id=k // 6)
+  path = tmp_path / "p.jsonl"
+  path.write_text("".join(json.dumps(l) + "\n" for l in lines))
+  src = sources.make_source(data_config("preference_jsonl", str(tmp_path),
+                                        files=f"train={path}"), "train")
+  line_of = {l.get("id", str(k)): k for k, l in enumerate(lines)}
+  rows = [src[i] for i in range(len(src))]
+  assert sorted(line_of[r["id"]] for r in rows) == list(range(24))
+  for r in rows:
+    k = line_of[r["id"]]
+    assert (r["prompt"], r["chosen"], r["rejected"]) == (f"Q{k}", f"a{k}", f"b{k}")
+    assert r["problem_id"] == lines[k].get("problem_id", k)  # default: the line's index
+
+
 # --- the training pipeline ---
 
 def pair_texts(batch, tok=ByteTokenizer()):

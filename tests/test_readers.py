@@ -120,6 +120,24 @@ def test_preference_jsonl_text_and_chat(tmp_path):
   assert json.loads(pairs[1]["rejected_messages"]) == chat["prompt"] + chat["rejected"]
 
 
+def test_preference_jsonl_ids_and_problem_ids(tmp_path):
+  """Each row keeps its line's ``id`` (else the line's index) and ``problem_id`` (else the line's
+  index: a pair of its own)."""
+  rows = [{"prompt": "Q", "chosen": "a", "rejected": "b", "id": "x", "problem_id": 7},
+          {"prompt": "Q", "chosen": "a", "rejected": "c", "problem_id": 7},
+          {"prompt": "R", "chosen": "d", "rejected": "e", "id": 12}]
+  path = write(tmp_path / "p.jsonl", [json.dumps(rows[0]), "", json.dumps(rows[1]),
+                                      json.dumps(rows[2])])
+  pairs, _ = readers.preference_jsonl(path)
+  assert [(p["id"], p["problem_id"]) for p in pairs] == [("x", 7), ("2", 7), ("12", 3)]
+  for bad, message in (({"problem_id": "q7"}, "field 'problem_id' should be int"),
+                       ({"id": "x"}, "id 'x' is already the id of line 1"),
+                       ({"id": [1]}, "field 'id' should be a string or an int")):
+    path = write(tmp_path / "bad.jsonl", [json.dumps(rows[0]), json.dumps({**rows[2], **bad})])
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: {message}")):
+      readers.preference_jsonl(path)
+
+
 # --- real files ---
 
 @needs_data

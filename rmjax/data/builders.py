@@ -3,7 +3,8 @@
 Built once into ``data_dir`` (TFDS default ``~/tensorflow_datasets``, or ``$TFDS_DATA_DIR``) from
 source files under ``source_dir`` (TFDS's *manual dir*; configs use ``../shared/data``), read back
 with random access by ``load_split`` for grain. Splits are by problem / dialogue / question
-(``readers.SPLIT_FRACTIONS``, 80/10/10, seeded permutation of the group ids with ``SPLIT_SEED``).
+(``readers.SPLIT_FRACTIONS``, 80/10/10, seeded permutation of the group ids with ``SPLIT_SEED``),
+one split per dataset (``_split_of``): every config of it puts a problem in the same split.
 
   python -m rmjax.data.builders --name=gsm8k_solutions/pairs --source_dir=../shared/data
 
@@ -50,7 +51,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
     examples, summary = self._read(path)
     log.info("%s from %s: %d examples; %s", self.info.full_name, path, len(examples),
              dict(summary) or "nothing skipped")
-    split_of = readers.split_groups([ex[self.GROUP] for ex in examples], SPLIT_SEED)
+    split_of = self._split_of(path, examples)
     return {split: self._generate_examples([ex for ex in examples
                                             if split_of[str(ex[self.GROUP])] == split])
             for split in readers.SPLIT_FRACTIONS}
@@ -62,10 +63,17 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
   def _read(self, path):
     raise NotImplementedError
 
+  def _split_of(self, path, examples) -> dict[str, str]:
+    """``str(group)`` -> split: the dataset's one split, the same for each of its configs."""
+    return readers.split_groups([ex[self.GROUP] for ex in examples], SPLIT_SEED)
+
 
 class Gsm8kSolutions(_Builder):
   """GSM8K test problems, four model solutions each: (correct, incorrect) pairs or all solutions."""
   SOURCE, GROUP = "gsm8k/example_model_solutions.jsonl", "problem_id"
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "solutions: split by the pairs' problem split (problems without a "
+                            "pair split among themselves); pairs unchanged"}
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(name="pairs", description="every (correct, incorrect) pair"),
       tfds.core.BuilderConfig(name="solutions", description="every labelled solution (AUROC)")]
@@ -82,6 +90,12 @@ class Gsm8kSolutions(_Builder):
   def _read(self, path):
     solutions, pairs, summary = readers.gsm8k_solutions(path)
     return (pairs if self.builder_config.name == "pairs" else solutions), summary
+
+  def _split_of(self, path, examples):
+    """Problems with a pair split as the pairs alone are; the others among themselves."""
+    solutions, pairs, _ = readers.gsm8k_solutions(path)
+    return readers.split_groups([s["problem_id"] for s in solutions], SPLIT_SEED,
+                                first=[p["problem_id"] for p in pairs])
 
 
 class Gsm8kPerturbed(_Builder):
@@ -114,8 +128,10 @@ class HhRlhf(_Builder):
 class FinegrainedQa(_Builder):
   """FineGrainedRLHF long-form QA: pairs from the 6 human judgements per question."""
   SOURCE, GROUP = "finegrained-qa/dev_feedback.json", "question_id"
-  VERSION = tfds.core.Version("1.1.0")
-  RELEASE_NOTES = {"1.1.0": "problem_id (= question_id) for the by-problem bootstrap"}
+  VERSION = tfds.core.Version("1.2.0")
+  RELEASE_NOTES = {"1.1.0": "problem_id (= question_id) for the by-problem bootstrap",
+                   "1.2.0": "with_ties: split by the decisive pairs' question split (questions "
+                            "with only ties split among themselves); decisive unchanged"}
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(name="decisive", description="ties dropped; label 1.0"),
       tfds.core.BuilderConfig(name="with_ties", description="ties kept with label 0.5")]
@@ -128,6 +144,14 @@ class FinegrainedQa(_Builder):
   def _read(self, path):
     return readers.finegrained_qa(path, keep_ties=self.builder_config.name == "with_ties")
 
+  def _split_of(self, path, examples):
+    """Questions with a decisive pair split as the decisive pairs alone are; the others among
+    themselves."""
+    decisive, _ = readers.finegrained_qa(path)
+    every, _ = readers.finegrained_qa(path, keep_ties=True)
+    return readers.split_groups([p["question_id"] for p in every], SPLIT_SEED,
+                                first=[p["question_id"] for p in decisive])
+
 
 @dataclasses.dataclass(eq=False)
 class PreferenceJsonlConfig(tfds.core.BuilderConfig):
@@ -135,13 +159,15 @@ class PreferenceJsonlConfig(tfds.core.BuilderConfig):
 
 
 class PreferenceJsonl(tfds.core.GeneratorBasedBuilder):
-  """User ``.jsonl`` files of pairs, one per split (``readers.preference_jsonl``)."""
-  VERSION = tfds.core.Version("1.0.0")
+  """User ``.jsonl`` files of pairs, one per split (``readers.preference_jsonl``); rows come back
+  in another order than the file's: ``id`` names each one's line."""
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "problem_id (the line's, else its index) for the by-problem bootstrap"}
 
   def _info(self):
     return self.dataset_info_from_configs(features=_features(
-        id=text, prompt=text, chosen=text, rejected=text, chosen_messages=text,
-        rejected_messages=text, margin=float32))
+        id=text, problem_id=np.int64, prompt=text, chosen=text, rejected=text,
+        chosen_messages=text, rejected_messages=text, margin=float32))
 
   def _split_generators(self, dl_manager):
     return {split: self._generate_examples(path) for split, path in self.builder_config.files}

@@ -118,8 +118,16 @@ def keep_pair(example: dict, seen: set, summary: collections.Counter) -> bool:
   return True
 
 
-def split_groups(groups, seed: int) -> dict[str, str]:
-  """Group id -> split, by a seeded permutation of the sorted ids (SPLIT_FRACTIONS)."""
+def split_groups(groups, seed: int, first=()) -> dict[str, str]:
+  """Group id -> split, by a seeded permutation of the sorted ids (SPLIT_FRACTIONS). With
+  ``first``, its groups are split among themselves (as ``split_groups(first)`` splits them) and
+  the other groups among themselves: configs of one dataset that keep different subsets of its
+  groups (problems with a pair, or every problem) then share one split."""
+  bounds = _split_ids(list(first), seed)
+  return {**bounds, **_split_ids([g for g in groups if str(g) not in bounds], seed)}
+
+
+def _split_ids(groups, seed: int) -> dict[str, str]:
   order = np.random.default_rng(seed).permutation(sorted(set(groups)))
   n, bounds, start = len(order), {}, 0
   for i, (split, frac) in enumerate(SPLIT_FRACTIONS.items()):
@@ -288,16 +296,29 @@ def finegrained_qa(path: str, keep_ties: bool = False):
 # --- user files ---
 
 def preference_jsonl(path: str):
-  """``{"prompt", "chosen", "rejected"[, "margin", "id"]}`` lines, or chat pairs
+  """``{"prompt", "chosen", "rejected"[, "margin", "id", "problem_id"]}`` lines, or chat pairs
   ``{"chosen": [messages], "rejected": [messages]}`` (optionally ``"prompt": [messages]`` shared
-  before both, the TRL conversational format); ``(pairs, summary)``."""
-  pairs, seen, summary = [], set(), collections.Counter()
+  before both, the TRL conversational format; the same optional fields); ``(pairs, summary)``.
+
+  ``id`` (a string or an int, unique in the file; default: the line's index, line number - 1)
+  names the line on its row, whatever order the rows are read back in. ``problem_id`` (an int;
+  default: the line's index, a pair of its own) groups pairs for the by-problem bootstrap."""
+  pairs, seen, summary, line_of = [], set(), collections.Counter(), {}
   for lineno, rec in iter_jsonl(path):
     where = f"{path}:{lineno}"
     margin = rec.get("margin", 0.0)
     if not isinstance(margin, (int, float)) or isinstance(margin, bool):
       raise ValueError(f"{where}: field 'margin' should be a number")
-    pair = {"id": str(rec.get("id", lineno - 1)), "margin": float(margin)}
+    pid = field(rec, "problem_id", where, int) if "problem_id" in rec else lineno - 1
+    pair_id = rec.get("id", lineno - 1)
+    if not isinstance(pair_id, (str, int)) or isinstance(pair_id, bool):
+      raise ValueError(f"{where}: field 'id' should be a string or an int, got "
+                       f"{type(pair_id).__name__}")
+    if str(pair_id) in line_of:
+      raise ValueError(f"{where}: id {str(pair_id)!r} is already the id of line "
+                       f"{line_of[str(pair_id)]}")
+    line_of[str(pair_id)] = lineno
+    pair = {"id": str(pair_id), "problem_id": pid, "margin": float(margin)}
     if isinstance(rec.get("chosen"), list):
       before = rec.get("prompt", [])
       if not isinstance(before, list):
