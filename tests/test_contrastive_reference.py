@@ -131,11 +131,14 @@ def test_log_mean_is_the_official_per_sequence_reduction():
   np.testing.assert_allclose(got, np.mean(per_seq), rtol=1e-5)
 
 
-def test_infonce_never_takes_a_copy_of_the_trajectory_as_a_negative():
+@pytest.mark.parametrize("traj, tau", [
+    ([0, 1, 2, 3, 4], 1.0),  # every chosen response distinct: the default (same_BxB=None)
+    ([0, 1, 0, 2, 1], 0.2),  # pairs 0 and 2, 1 and 4 hold the same chosen response
+])
+def test_infonce_never_takes_a_copy_of_the_trajectory_as_a_negative(traj, tau):
   rng = np.random.default_rng(8)
-  b, s, tau = 5, 3, 0.2
+  b, s = len(traj), 3
   src, goal, neg = (rng.normal(size=(b, s, 4)).astype(np.float32) for _ in range(3))
-  traj = [0, 1, 0, 2, 1]  # pairs 0 and 2, 1 and 4 hold the same chosen response
   valid = np.ones((b, s), bool)
   valid[3, 1] = False
   terms = []
@@ -149,7 +152,9 @@ def test_infonce_never_takes_a_copy_of_the_trajectory_as_a_negative():
       cands += [np_cos(src[i, k], neg[i, t]) / tau for t in range(s) if valid[i, t]]
       terms.append(np.log(np.sum(np.exp(cands))) - pos)
   same = np.equal.outer(traj, traj)
-  got = losses.contrastive_infonce_loss(src, goal, neg, valid, temperature=tau, same_BxB=same)
+  distinct = len(set(traj)) == b
+  got = losses.contrastive_infonce_loss(src, goal, neg, valid, temperature=tau,
+                                        same_BxB=None if distinct else same)
   np.testing.assert_allclose(got, np.mean(terms), rtol=1e-5)
   # and the objective gives copies one id: pair 1 repeats pair 0
   batch = pair_batch(4, max_len=48)
