@@ -35,6 +35,20 @@ def write_json(path: str, obj, **dump_kwargs) -> None:
   write_text(path, json.dumps(obj, **{"indent": 1, **dump_kwargs}))
 
 
+def data_state_of_another_process_count(data_dir: str) -> str | None:
+  """A data-iterator state file in ``data_dir`` when it was saved under another process count
+  (this process has no file of its own), else None: grain's restore applies.
+
+  grain's ``CheckpointHandler`` reads only the file of the current process index and count and
+  has no public API for another count, so this mirrors its private file naming
+  (``process_<index>-of-<count>.json``, grain/_src/python/checkpoint/handler.py); the only place
+  here that knows it.
+  """
+  own = os.path.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+  saved = sorted(glob.glob(os.path.join(data_dir, "process_*.json")))
+  return None if os.path.exists(own) or not saved else saved[0]
+
+
 class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
@@ -77,18 +91,15 @@ class Checkpointer:
     return None, None
 
   def _restore(self, step: int, abstract_state, data_iterator):
-    data_states = glob.glob(os.path.join(self.directory, str(step), "data", "process_*.json"))
-    own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    if own in map(os.path.basename, data_states) or not data_states:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          data=grain.checkpoint.CheckpointRestore(data_iterator)))
-    else:
-      # saved by another process count: every process's iterator holds the same position
-      # (the number of global batches read; see rmjax.data.pipeline), so any file will do
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state)))
-      with open(sorted(data_states)[0]) as f:
+    args = {"state": ocp.args.StandardRestore(abstract_state)}
+    foreign = data_state_of_another_process_count(os.path.join(self.directory, str(step), "data"))
+    if foreign is None:
+      args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    if foreign is not None:
+      # every process's iterator holds the same position (the number of global batches read;
+      # see rmjax.data.pipeline), so any process's file will do
+      with open(foreign) as f:
         data_iterator.set_state(json.load(f))
     return restored["state"]
 

@@ -270,6 +270,12 @@ class MetricsWriter:
 
 # --- the loop ---
 
+def itstime(step: int, every: int, total: int) -> bool:
+  """Whether a periodic action (log, eval, checkpoint) runs after ``step``: every ``every`` steps
+  and after the last one (big_vision's ``utils.itstime``, without its options)."""
+  return step % every == 0 or step == total
+
+
 def train(config, workdir: str) -> dict[str, float]:
   """Trains (or resumes the run in ``workdir``) to ``config.train.steps``; returns final eval."""
   for field in ("log_every", "eval_every", "ckpt_every"):
@@ -327,7 +333,9 @@ def train(config, workdir: str) -> dict[str, float]:
             f"skipped), optim.max_consecutive_nonfinite={limit}: training stopped; newest "
             f"checkpoint: step {ckpt.manager.latest_step()}")
 
-    final, previous = {}, None
+    # The device runs ahead of the host: a step's skip streak is read lazily while the next step
+    # runs, except at log/eval/checkpoint steps, which wait for the step anyway and read it then.
+    final, unchecked = {}, None  # (step, its streak on the device) not yet checked
     t0 = time.perf_counter()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train",
                disable=jax.process_index() != 0)
@@ -335,23 +343,27 @@ def train(config, workdir: str) -> dict[str, float]:
       batch = sharding.host_to_global(next(data_iter), mesh, rules)
       state, metrics = train_step(state, batch)
       done = step + 1
-      if previous is not None:  # the previous step's count, read while this step runs
-        check_finite(*previous)
-      previous = done, metrics["skipped_in_a_row"]
-      if done % cfg.log_every == 0 or done == steps:
-        scalars = {f"train/{k}": v for k, v in jax.device_get(metrics).items()}
+      if unchecked is not None:
+        check_finite(*unchecked)
+      unchecked = done, metrics["skipped_in_a_row"]
+      log_now, eval_now, save_now = (itstime(done, every, steps)
+                                     for every in (cfg.log_every, cfg.eval_every, cfg.ckpt_every))
+      if not (log_now or eval_now or save_now):
+        continue
+      host, unchecked = jax.device_get(metrics), None  # the one read of this step's metrics
+      if log_now:
+        scalars = {f"train/{k}": v for k, v in host.items()}
         scalars["train/steps_per_s"] = (done - start) / (time.perf_counter() - t0)
         writer.write(done, scalars)
         bar.set_postfix(loss=f"{scalars['train/loss']:.4f}",
                         acc=f"{scalars['train/pairwise_accuracy']:.3f}")
-      if done % cfg.eval_every == 0 or done % cfg.ckpt_every == 0 or done == steps:
-        check_finite(*previous)
-      if done % cfg.eval_every == 0 or done == steps:
+      check_finite(done, host["skipped_in_a_row"])
+      if eval_now:
         final = evaluate(eval_step, state, eval_source, tokenizer, config, mesh, rules,
                          eval_solutions)
         writer.write(done, {f"eval/{k}": v for k, v in final.items()})
         log.info("step %d eval %s", done, final)
-      if done % cfg.ckpt_every == 0 or done == steps:
+      if save_now:
         ckpt.save(done, state, data_iter)
     if start >= steps and not final:  # already finished: report eval of the final state
       final = evaluate(eval_step, state, eval_source, tokenizer, config, mesh, rules,

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from rmjax import objective, sharding, train
-from rmjax.checkpoint import Checkpointer
+from rmjax.checkpoint import Checkpointer, data_state_of_another_process_count
 from rmjax.data import sources
 from rmjax.data.pipeline import train_dataset
 from tests.helpers import pair_batch, tiny_config
@@ -221,6 +221,35 @@ def test_restore_with_a_changed_config_renames_nothing_and_says_why(tmp_path, me
         f.write(b"garbage")
   assert ckpt.restore_latest(abstract, data_iter)[0] == 2
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4.corrupt-0"]
+  ckpt.close()
+
+
+def test_itstime_every_n_steps_and_the_last():
+  assert [s for s in range(1, 11) if train.itstime(s, 4, 10)] == [4, 8, 10]
+  assert [s for s in range(1, 4) if train.itstime(s, 1, 3)] == [1, 2, 3]
+
+
+def test_data_position_saved_under_another_process_count_restores(tmp_path, mesh1):
+  config = tiny_config("bt")
+  _, state = train.create_state(config)
+
+  def data_iter():
+    return iter(train_dataset(
+        sources.make_source(config, "train"), sources.make_tokenizer(config),
+        global_batch_size=config.train.batch_size, max_len=config.data.max_len, seed=0))
+  saved = data_iter()
+  next(saved), next(saved)
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+  ckpt.save(2, state, saved)
+  expected = next(saved)
+  data = tmp_path / "checkpoints" / "2" / "data"
+  assert data_state_of_another_process_count(str(data)) is None  # our own file: grain restores
+  os.rename(data / "process_0-of-1.json", data / "process_1-of-2.json")  # as if by 2 processes
+  assert data_state_of_another_process_count(str(data)) == str(data / "process_1-of-2.json")
+  restored = data_iter()
+  _, abstract = train.abstract_state(config, mesh1)
+  assert ckpt.restore_latest(abstract, restored)[0] == 2
+  np.testing.assert_array_equal(next(restored)["tokens"], expected["tokens"])
   ckpt.close()
 
 
