@@ -219,7 +219,7 @@ def _cli():
   def main(argv):
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)
-    from rmjax import train
+    from rmjax import train_state
     from rmjax.checkpoint import load_trained
     config = config_flag.value
     mesh = sharding.make_mesh((-1, 1, 1))
@@ -227,7 +227,7 @@ def _cli():
       if checkpoint.value:
         _, model = load_trained(checkpoint.value, mesh)
       else:
-        model, _ = train.unpack(nnx.merge(*train.create_state(config, mesh)))
+        model, _ = train_state.merge(*train_state.create_state(config, mesh))
       limits = (int(limit.value) if "=" not in limit.value else
                 {k: int(v) for k, v in (i.split("=") for i in limit.value.split(","))})
       meta = cache(config, model, layer.value, out.value, tuple(splits.value), limit=limits,

@@ -19,6 +19,8 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from rmjax import train_state
+
 log = logging.getLogger(__name__)
 
 
@@ -140,13 +142,12 @@ def resolve_run(path: str) -> tuple[str, int | None, str]:
 def restore_state(config, mesh, path: str):
   """``(step, step folder, graphdef, state)`` of a run's checkpoint (model and optimiser),
   sharded over ``mesh``; no data iterator needed."""
-  from rmjax.train import abstract_state
   directory, step, _ = resolve_run(path)
   manager = ocp.CheckpointManager(directory)
   step = manager.latest_step() if step is None else step
   if step is None or step not in manager.all_steps():
     raise FileNotFoundError(f"{directory}: no checkpoint{'' if step is None else f' {step}'}")
-  graphdef, abstract = abstract_state(config, mesh)
+  graphdef, abstract = train_state.abstract_state(config, mesh)
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract)))
   manager.close()
@@ -156,8 +157,6 @@ def restore_state(config, mesh, path: str):
 def load_trained(path: str, mesh):
   """``(config, model)`` of the run at ``path``; the config is the run's ``config.json``."""
   import ml_collections
-  from flax import nnx
-  from rmjax.train import unpack
   workdir = resolve_run(path)[2]
   config_path = os.path.join(workdir, "config.json")
   if not os.path.exists(config_path):
@@ -165,4 +164,4 @@ def load_trained(path: str, mesh):
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   _, _, graphdef, state = restore_state(config, mesh, path)
-  return config, unpack(nnx.merge(graphdef, state))[0]
+  return config, train_state.merge(graphdef, state)[0]

@@ -23,7 +23,6 @@ import os
 
 import jax
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
 from rmjax import sharding
@@ -33,7 +32,7 @@ from rmjax.data.pipeline import encode_pair, encode_sequence, kept_prefix
 from rmjax.eval import goal as goal_lib, localize, plots
 from rmjax.eval.metrics import (auroc, auroc_ci, markdown_table, preference_metrics,
                                 unique_solutions)
-from rmjax.train import model_config, unpack
+from rmjax.train_state import merge, model_config
 
 VOTING_SKIPPED = ("pair data has one correct and one incorrect solution per problem, not several "
                   "sampled solutions with final answers; see rmjax.eval.voting")
@@ -46,7 +45,7 @@ def make_forward(graphdef):
   reward, final-token state, ``Q_t`` and the reward of every prefix (the head on each ``h_t``)."""
 
   def forward(state, batch, goal_D):
-    model, _ = unpack(nnx.merge(graphdef, state))
+    model, _ = merge(graphdef, state)
     reward_N, h_NxLxD = model(batch["tokens"], batch["mask"])
     return {"reward": reward_N,
             "h_final": goal_lib.final_token_states(h_NxLxD, batch["mask"]),

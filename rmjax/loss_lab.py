@@ -23,8 +23,8 @@ from flax import nnx
 from rmjax import objective, sharding
 from rmjax.cache_features import FeatureSource, top_param_paths
 from rmjax.eval.metrics import auroc_ci, pairwise_accuracy, unique_solutions
-from rmjax.train import (abstract_state, make_eval_step, make_train_step, trainable_filter,
-                         unpack)
+from rmjax.train import make_eval_step, make_train_step
+from rmjax.train_state import abstract_state, merge, trainable_filter
 
 BATCH_FIELDS = ("features", "tokens", "mask", "response", "margin")
 
@@ -190,7 +190,7 @@ def run(config, features_dir: str, *, eval_split: str = "validation", eval_every
         if progress:
           print(json.dumps(history[-1]), flush=True)
     if save_to:
-      model, _ = unpack(nnx.merge(graphdef, state))
+      model, _ = merge(graphdef, state)
       params = {"/".join(map(str, p)): np.asarray(jax.device_get(v[...]))
                 for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
       np.savez(save_to, **{p: params[p] for p in top_param_paths(params, layer)})

@@ -72,7 +72,8 @@ def save_config(config, workdir: str, *, write: bool = True, allow_change: bool 
   then the change is appended to ``config_history.jsonl`` and the first config kept as
   ``config_original.json`` (module docstring). Another architecture is always refused.
   """
-  from rmjax import checkpoint, train
+  from rmjax import checkpoint, train_state
+  from rmjax.models.llama import RUN_ONLY_FIELDS
   path = os.path.join(workdir, "config.json")
   new = json.loads(config.to_json_best_effort())
   changed = {}
@@ -82,7 +83,7 @@ def save_config(config, workdir: str, *, write: bool = True, allow_change: bool 
     old = json.loads(text)
     old_model = old.get("model", {})
     wrong = {k: (v, old_model[k]) for k, v in new["model"].items()
-             if k not in train.ARCH_EXEMPT and k in old_model and v != old_model[k]}
+             if k not in train_state.ARCH_EXEMPT and k in old_model and v != old_model[k]}
     if wrong:
       raise ValueError(f"{path}: this workdir's run has another architecture: " + ", ".join(
           f"model.{k}={a!r} (config.json: {b!r})" for k, (a, b) in wrong.items())
@@ -92,7 +93,7 @@ def save_config(config, workdir: str, *, write: bool = True, allow_change: bool 
                    if k in flat}
                for k in sorted(old_flat.keys() | new_flat.keys())
                if k not in old_flat or k not in new_flat or old_flat[k] != new_flat[k]}
-    exempt = (*RESUME_EXEMPT, *(f"model.{k}" for k in train.RUN_ONLY_FIELDS))
+    exempt = (*RESUME_EXEMPT, *(f"model.{k}" for k in RUN_ONLY_FIELDS))
     refused = [k for k in changed if not any(k == e or k.startswith(e + ".") for e in exempt)]
     if refused and not allow_change:
       absent = "(absent)"

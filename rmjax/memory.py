@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType
 
-from rmjax import sharding
+from rmjax import sharding, train_state
 from rmjax.models.llama import DTYPES
 
 MiB = 2 ** 20
@@ -94,18 +94,17 @@ def _block_bytes(cfg, t: int, l: int, n: int, k: int, f: int, remat: str) -> tup
 
 def plan(config, mesh_shape, dcn_shape=None) -> MemoryPlan:
   """Per-device bytes of ``rmjax.train``'s step for ``config`` on a mesh of ``mesh_shape``."""
-  from rmjax import train  # train imports the data pipeline: only when planning
   rules = tuple(tuple(r) for r in config.mesh.rules)
   mesh = abstract_mesh(mesh_shape, dcn_shape)
   sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
   with jax.sharding.use_abstract_mesh(mesh), nnx.logical_axis_rules(rules):
-    graphdef, state = nnx.eval_shape(lambda: train.create_state(config, pretrained=False))
+    graphdef, state = nnx.eval_shape(lambda: train_state.create_state(config, pretrained=False))
     model = nnx.merge(graphdef, state)["model"]
     params = _state_bytes(nnx.state(model, nnx.Param), rules, sizes)
-    gradients = _state_bytes(nnx.state(model, train.trainable_filter(config)), rules, sizes)
+    gradients = _state_bytes(nnx.state(model, train_state.trainable_filter(config)), rules, sizes)
     optimizer = _state_bytes(state["optimizer"], rules, sizes)
 
-  cfg = train.model_config(config)
+  cfg = train_state.model_config(config)
   table = dict((k, v) for k, v in rules)
   shards = lambda name: math.prod(sizes[a] for a in np.atleast_1d(table.get(name) or ()))
   pairs = math.ceil(config.train.batch_size / shards("batch"))
@@ -135,10 +134,10 @@ def compiled(config, mesh: jax.sharding.Mesh):
   """XLA's ``memory_analysis()`` of ``rmjax.train``'s step for ``config`` on ``mesh`` (real
   devices), compiled as the trainer compiles it (sharded, state donated); nothing is allocated.
   Per device: arguments = state + batch, outputs = state (+ metrics), temp = everything else."""
-  from rmjax import train
+  from rmjax import train  # train imports the data pipeline: only when compiling
   rules = tuple(tuple(r) for r in config.mesh.rules)
   with sharding.use_mesh(mesh, rules):
-    graphdef, abstract = train.abstract_state(config, mesh)
+    graphdef, abstract = train_state.abstract_state(config, mesh)
     b, l = config.train.batch_size, config.data.max_len
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(
         shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape), rules))

@@ -13,6 +13,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="rmjax_test_jit_")
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Implicit rank promotion ((B,) + (B, 1) -> (B, B)) is an error in the tests and in the
+# subprocesses they start (they inherit the environment): broadcasting must be written out.
+os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

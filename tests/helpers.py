@@ -4,7 +4,7 @@ import numpy as np
 from flax import nnx
 
 from configs import synthetic
-from rmjax import objective, sharding, train
+from rmjax import objective, sharding, train_state
 from rmjax.data.pipeline import FIELDS, encode_pair
 from rmjax.data.synthetic import SyntheticMath
 from rmjax.data.tokenizer import ByteTokenizer
@@ -31,10 +31,37 @@ def loss_metrics_grads(graphdef, state, config, mesh, padding_side="right"):
 
   @jax.jit
   def f(state, batch):
-    model, _ = train.unpack(nnx.merge(graphdef, state))
+    model, _ = train_state.merge(graphdef, state)
     model_def, params, rest = nnx.split(model, nnx.Param, ...)
     loss_fn = lambda p: objective.objective(nnx.merge(model_def, p, rest), batch,
                                             jax.random.key(3), terms)
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
   return f(state, batch)
+
+
+def relative_errors(actual, desired) -> dict[str, float]:
+  """``||a - d|| / ||d||`` per leaf (float64), keyed by the leaf's path."""
+  flat_a, tree_a = jax.tree.flatten_with_path(actual)
+  flat_d, tree_d = jax.tree.flatten_with_path(desired)
+  assert tree_a == tree_d, f"different trees:\n{tree_a}\n{tree_d}"
+  errors = {}
+  for (path, a), (_, d) in zip(flat_a, flat_d):
+    a, d = np.asarray(a, np.float64), np.asarray(d, np.float64)
+    assert a.shape == d.shape, f"{jax.tree_util.keystr(path)}: shapes {a.shape} {d.shape}"
+    diff, norm = np.linalg.norm((a - d).ravel()), np.linalg.norm(d.ravel())
+    errors[jax.tree_util.keystr(path)] = diff / norm if norm else (0.0 if diff == 0 else np.inf)
+  return errors
+
+
+def assert_tree_close(actual, desired, rtol):
+  """Every leaf within ``rtol`` of ``desired`` in norm, ``||a - d|| <= rtol * ||d||``: float32
+  rounding (which differs by CPU and XLA version) moves single entries near 0 by much more than
+  their size, but a leaf's norm by ~1e-6; a wrong mask or a dropped term moves it by >> 1e-3."""
+  errors = relative_errors(actual, desired)
+  bad = {k: e for k, e in errors.items() if not e <= rtol}
+  worst = max(errors, key=errors.get)
+  print(f"\nMEASURE worst {errors[worst]:.3e} at {worst}")  # TEMP
+  assert not bad, (f"{len(bad)} of {len(errors)} leaves differ by more than rtol={rtol:g} in "
+                   f"norm: {dict(sorted(bad.items(), key=lambda kv: -kv[1])[:5])}")
+  return errors[worst]

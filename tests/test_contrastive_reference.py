@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rmjax import losses, objective, sharding, train
+from rmjax import losses, objective, sharding, train, train_state
 from tests.helpers import pair_batch, tiny_config
 
 
@@ -84,7 +84,7 @@ def test_negatives_come_from_where_the_rejected_response_diverges(mesh1):
   start = [int(np.argmax(resp[i, 1] == 1)) - int(np.argmax(mask[i, 1] == 1)) for i in range(16)]
   shared = [i for i in range(16) if first[i] > start[i] + 1]
   assert len(shared) >= 2, "the synthetic pairs should include shared response openings"
-  model, _ = train.unpack(nnx.merge(*train.create_state(config)))
+  model, _ = train_state.merge(*train_state.create_state(config))
   out = objective.forward_pairs(model, batch)
   h_c, h_r = np.asarray(out.h_chosen_BxLxD), np.asarray(out.h_rejected_BxLxD)
   for i in shared:  # the premise: before the divergence the states are the same
@@ -192,7 +192,7 @@ def test_accumulation_weighs_micro_batches_by_their_valid_samples(mesh1, mode, r
   accum = 2
   valid_rows = {0, 2, 4, 1}
   batch = handmade_batch(valid_rows)
-  graphdef, state = train.create_state(config)
+  graphdef, state = train_state.create_state(config)
   terms = objective.build_terms(config.loss)
   step = lambda a: jax.jit(train.make_train_step(graphdef, terms, accum_steps=a, seed=0))(
       state, sharding.host_to_global(batch, mesh1))[1]
@@ -203,7 +203,7 @@ def test_accumulation_weighs_micro_batches_by_their_valid_samples(mesh1, mode, r
     np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
     np.testing.assert_allclose(got["grad_norm"], want["grad_norm"], rtol=1e-4)
     return
-  model, _ = train.unpack(nnx.merge(graphdef, state))
+  model, _ = train_state.merge(graphdef, state)
   model_def, params, rest = nnx.split(model, nnx.Param, ...)
   key = jax.random.fold_in(jax.random.key(0), 0)
   share = [sum(r in valid_rows for r in range(a, 8, accum)) / len(valid_rows)

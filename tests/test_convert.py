@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from rmjax import sharding
+from rmjax import sharding, train_state
 from rmjax.convert import load_reward_model, pretrained_config
 from rmjax.convert.__main__ import main as convert_cli
 from rmjax.convert.export import export_reward_model
@@ -196,16 +196,16 @@ def test_train_from_pretrained_updates_only_top_layers(tmp_path):
   save_tiny("llama", tmp_path / "hf", vocab_size=256)
   config = tiny_config("paper", steps=2, trainable_top_layers=1)
   for field in list(config.model):
-    if field not in train.ARCH_EXEMPT:
+    if field not in train_state.ARCH_EXEMPT:
       setattr(config.model, field, None)  # the architecture comes from the checkpoint
   config.model.init_from = str(tmp_path / "hf")
   train.train(config, str(tmp_path / "run"))
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   with sharding.use_mesh(mesh):
-    cfg = train.model_config(config)
+    cfg = train_state.model_config(config)
     before = load_reward_model(config.model.init_from, cfg, mesh, seed=config.seed)
     _, _, graphdef, state = restore(config, mesh, str(tmp_path / "run"))
-  after, _ = train.unpack(nnx.merge(graphdef, state))
+  after, _ = train_state.merge(graphdef, state)
   old = dict(nnx.to_flat_state(nnx.state(before, nnx.Param)))
   for path, var in nnx.to_flat_state(nnx.state(after, nnx.Param)):
     changed = not np.array_equal(var[...], old[path][...])

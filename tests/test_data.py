@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import synthetic
-from rmjax.data.pipeline import encode_pair, encode_sequence, eval_batches, train_dataset
+from rmjax.data.pipeline import FIELDS, encode_pair, encode_sequence, eval_batches, train_dataset
 from rmjax.data.synthetic import SyntheticMath
 from rmjax.data.tokenizer import ByteTokenizer
 
@@ -105,11 +105,21 @@ def test_train_iterator_resumes_at_the_exact_next_batch():
     np.testing.assert_array_equal(next(fresh)["tokens"], w)
 
 
-def test_eval_batches_cover_each_example_once():
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_eval_batches_hold_each_example_once_in_order_then_padding_rows(padding_side):
   src, tok = SyntheticMath(10, "validation"), ByteTokenizer()
-  got = [(b["tokens"].shape[0], n) for b, n in eval_batches(src, tok, global_batch_size=4,
-                                                            max_len=48)]
-  assert got == [(4, 4), (4, 4), (4, 2)]
+  want = [encode_pair(src[i], tok, 48, padding_side) for i in range(10)]
+  batches = list(eval_batches(src, tok, global_batch_size=4, max_len=48,
+                              padding_side=padding_side))
+  assert [n for _, n in batches] == [4, 4, 2]
+  real = {k: np.concatenate([b[k][:n] for b, n in batches]) for k in FIELDS}
+  for k in FIELDS:  # the real rows are examples 0..9, in order, each once
+    np.testing.assert_array_equal(real[k], np.stack([p[k] for p in want]), err_msg=k)
+  assert len({tok.decode(t[0]) for t in real["tokens"]}) == 10  # ten distinct examples
+  last, n = batches[-1]
+  for k in FIELDS:  # rows past n_real fill the fixed shape (the final example again)
+    assert last[k].shape[0] == 4
+    np.testing.assert_array_equal(last[k][n:], np.stack([want[-1][k]] * 2), err_msg=k)
 
 
 def random_model(config, seed=0):
@@ -117,10 +127,10 @@ def random_model(config, seed=0):
   import jax
   from flax import nnx
 
-  from rmjax import train
+  from rmjax import train_state
   from rmjax.models import RewardModel
   rng = np.random.default_rng(seed)
-  abstract = nnx.eval_shape(lambda: RewardModel(train.model_config(config), rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: RewardModel(train_state.model_config(config), rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   state = jax.tree.map(lambda x: jax.numpy.asarray(0.1 * rng.normal(size=x.shape), x.dtype),
                        state)

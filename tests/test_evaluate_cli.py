@@ -14,20 +14,21 @@ from absl import flags
 from ml_collections import config_flags
 from sklearn.metrics import roc_auc_score
 
-from rmjax import evaluate, sharding, train
+from rmjax import evaluate, sharding, train, train_state
 from rmjax.checkpoint import restore_state
 from rmjax.data import sources
 from rmjax.data.pipeline import encode_sequence
 from rmjax.data.synthetic import SyntheticMath
 from rmjax.data.tokenizer import ByteTokenizer
-from rmjax.eval import voting
-from rmjax.eval.goal import load_goal
+from rmjax.eval import metrics, voting
+from rmjax.eval.goal import goal_state, load_goal
 from rmjax.models import LlamaConfig
 from tests.helpers import tiny_config
+from tests.test_eval import naive_vote
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-                 if not p.endswith("__init__.py"))
+                 if not p.endswith(("__init__.py", "common.py")))
 
 
 def run_config():
@@ -52,10 +53,37 @@ def test_evaluate_matches_train_eval_and_compiles_once(tiny_run, tmp_path, caplo
   with open(os.path.join(tiny_run, "eval.json")) as f:
     trained = json.load(f)
   assert result["step"] == trained["step"] == c.train.steps
-  assert result["pairwise_accuracy"] == trained["pairwise_accuracy"]
-  assert result["auroc"] == pytest.approx(trained["auroc"], abs=1e-6)
-  ci = result["auroc_ci"]
+  # the held-out rewards of train's eval step and of evaluate's forward (two programs)
   held_out = sources.make_source(c, "validation")
+  mesh = sharding.make_mesh(tuple(c.mesh.shape))
+  with sharding.use_mesh(mesh), pytest.MonkeyPatch.context() as mp:
+    _, step_dir, graphdef, state = restore_state(c, mesh, tiny_run)
+    rows = evaluate.encode_pairs(held_out, ByteTokenizer(), c, len(held_out))
+    r_eval = evaluate.run_sequences(jax.jit(evaluate.make_forward(graphdef)), state, rows,
+                                    load_goal(step_dir), batch_size=16, mesh=mesh,
+                                    rules=sharding.DEFAULT_RULES, desc="pairs")["reward"]
+    seen = []
+    mp.setattr(train, "preference_metrics", lambda *args: seen.append(args) or {})
+    train.evaluate(jax.jit(train.make_eval_step(graphdef)), state, held_out, ByteTokenizer(), c,
+                   mesh, sharding.DEFAULT_RULES)
+  r_train = np.stack(seen[0][:2], axis=1).reshape(-1)
+  # float rounding differs between the programs; a pair of solutions whose rewards are within
+  # 2 * tol of each other may swap order, each swap moves AUROC by 1 / (n_pos * n_neg)
+  tol = 1e-5 * np.abs(r_eval).max()
+  assert np.abs(r_train - r_eval).max() <= tol
+  print("MEASURE rewards", np.abs(r_train - r_eval).max(), np.abs(r_eval).max(), r_eval.std())  # TEMP
+  solutions = metrics.unique_solutions(rows["tokens"], np.repeat(
+      [held_out[i].get("problem_id", i) for i in range(len(held_out))], 2))
+  s, pos = r_eval[solutions], solutions % 2 == 0
+  near_ties = np.abs(s[pos][:, None] - s[~pos][None, :]) <= 2 * tol
+  auroc_tol = near_ties.sum() / near_ties.size
+  pair_tol = np.mean(np.abs(r_eval[0::2] - r_eval[1::2]) <= 2 * tol)
+  print("MEASURE ties", near_ties.sum(), near_ties.size, pair_tol, np.sort(np.abs(s[pos][:, None] - s[~pos][None, :]).ravel())[:3])  # TEMP
+  for got in (result, metrics.preference_metrics(r_eval[0::2], r_eval[1::2], solutions)):
+    assert got["auroc"] == pytest.approx(trained["auroc"], abs=auroc_tol + 1e-12)
+    assert got["pairwise_accuracy"] == pytest.approx(trained["pairwise_accuracy"],
+                                                     abs=pair_tol + 1e-12)
+  ci = result["auroc_ci"]
   problems = {held_out[i].get("problem_id", i) for i in range(len(held_out))}
   assert ci["low"] <= result["auroc"] <= ci["high"] and ci["n_groups"] == len(problems)
 
@@ -64,7 +92,7 @@ def test_evaluate_matches_train_eval_and_compiles_once(tiny_run, tmp_path, caplo
   assert set(written) >= {"pairwise_accuracy", "auroc", "auroc_ci", "goal", "q", "localization",
                           "voting", "plots"}
   assert "skipped" in written["voting"]
-  step_dir = os.path.join(tiny_run, "checkpoints", str(c.train.steps))
+  assert step_dir == os.path.join(tiny_run, "checkpoints", str(c.train.steps))
   assert load_goal(step_dir).shape == (c.model.dim,)
   for name in ("q_largest_drop", "q_below", "prefix_reward_largest_drop"):
     loc = written["localization"][name]
@@ -74,25 +102,45 @@ def test_evaluate_matches_train_eval_and_compiles_once(tiny_run, tmp_path, caplo
   assert (tmp_path / "eval.md").read_text().startswith("| dataset |")
 
 
-def test_voting_on_scored_solutions(tiny_run):
-  """Solutions -> rows -> the restored model's Q_t -> goal-filtered voting."""
+def test_voting_on_scored_solutions_matches_naive_voting_on_the_models_q(tiny_run):
+  """Solutions -> rows -> the restored model's Q_t -> goal-filtered voting, at thresholds that
+  discard some solutions, against Q_t and voting computed naively here."""
   c = run_config()
-  solutions = [{"problem_id": ex["id"], "prompt": ex["prompt"], "response": ex[side],
+  examples = SyntheticMath(8, split="validation")
+  solutions = [{"problem_id": ex["problem_id"], "prompt": ex["prompt"], "response": ex[side],
                 "answer": ex[side].split()[-1], "is_correct": side == "chosen"}
-               for ex in SyntheticMath(6, split="validation") for side in ("chosen", "rejected")]
+               for ex in examples for side in ("rejected", "chosen")]  # a tie: the wrong one wins
   mesh = sharding.make_mesh(tuple(c.mesh.shape))
   with sharding.use_mesh(mesh):
-    _, step_dir, graphdef, state = restore_state(c, mesh, tiny_run)
+    _, _, graphdef, state = restore_state(c, mesh, tiny_run)
     rows = evaluate.encode_solutions(solutions, ByteTokenizer(), c)
-    res = evaluate.run_sequences(jax.jit(evaluate.make_forward(graphdef)), state, rows,
-                                 load_goal(step_dir), batch_size=16, mesh=mesh,
-                                 rules=sharding.DEFAULT_RULES, desc="solutions")
+    run = lambda goal_D: evaluate.run_sequences(
+        jax.jit(evaluate.make_forward(graphdef)), state, rows, goal_D, batch_size=16, mesh=mesh,
+        rules=sharding.DEFAULT_RULES, desc="solutions")
+    h_final = run(np.zeros(c.model.dim, np.float32))["h_final"]
+    goal_D = goal_state(h_final, [s["is_correct"] for s in solutions])
+    res = run(goal_D)
+    model, _ = train_state.merge(graphdef, state)
+    h = np.asarray(model(rows["tokens"], rows["mask"])[1], np.float64)
   scored = evaluate.voting_inputs(solutions, rows, res)
-  assert [len(s["q"]) for s in scored] == [len(s["response"]) for s in solutions]
-  curve = voting.voting_curve(scored, [-1.0, 0.0, 1.0], min_tokens=5)
-  assert curve["curve"][0]["tokens_saved"] == 0.0  # Q_t >= -1 always: nothing discarded
-  assert curve["curve"][0]["accuracy"] == curve["unfiltered_accuracy"] == 1.0  # tie: first wins
-  assert curve["curve"][-1]["fallback_problems"] == 6  # Q_t < 1 always: all discarded
+  g = goal_D.astype(np.float64)
+  for s, h_LxD, resp_L in zip(scored, h, rows["response"].astype(bool)):
+    want = h_LxD[resp_L] @ g / (np.linalg.norm(h_LxD[resp_L], axis=1) * np.linalg.norm(g))
+    assert len(s["q"]) == len(s["response"]) == len(want)  # bytes: a token per character
+    assert np.abs(s["q"] - want).max() <= 1e-5  # cosines: float32 vs float64
+  # thresholds between the solutions' lowest Q_t past min_tokens: each discards more of them
+  lowest = np.sort([s["q"][5:].min() for s in scored])
+  thresholds = [-np.inf, *(lowest[[3, 7, 11]] + lowest[[4, 8, 12]]) / 2, np.inf]
+  curve = voting.voting_curve(scored, thresholds, min_tokens=5)
+  kept = [row["kept_share"] for row in curve["curve"]]
+  assert kept == [1.0, 12 / 16, 8 / 16, 4 / 16, 0.0]
+  assert curve["unfiltered_accuracy"] == 0.0  # every tie goes to the wrong solution
+  for row in curve["curve"]:
+    acc, saved = naive_vote(scored, row["threshold"], 5)
+    assert row["accuracy"] == pytest.approx(acc) and row["tokens_saved"] == pytest.approx(saved)
+  assert max(row["accuracy"] for row in curve["curve"]) > 0  # a threshold drops wrong ones
+  assert max(row["tokens_saved"] for row in curve["curve"]) > 0
+  assert curve["curve"][-1]["fallback_problems"] == 8  # all discarded: every problem falls back
 
 
 def test_error_windows_point_at_the_slip():

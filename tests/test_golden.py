@@ -7,10 +7,9 @@ is not, the diff is a bug. The tolerance (1e-4 relative) allows for float roundi
 and XLA versions, nothing more.
 """
 import jax
-import numpy as np
 import pytest
 
-from rmjax import objective, sharding, train
+from rmjax import objective, sharding, train, train_state
 from tests.helpers import pair_batch, tiny_config
 
 # recorded 2026-12-03 after the contrastive fixes (negatives from the divergence on, InfoNCE
@@ -27,7 +26,7 @@ GOLDEN = {
 @pytest.mark.parametrize("variant", sorted(GOLDEN))
 def test_one_training_step_of_the_tiny_config_gives_the_golden_values(mesh1, variant):
   config = tiny_config(variant)
-  graphdef, state = train.create_state(config)
+  graphdef, state = train_state.create_state(config)
   step = jax.jit(train.make_train_step(graphdef, objective.build_terms(config.loss),
                                        accum_steps=1, seed=0))
   batch = pair_batch(8, max_len=config.data.max_len, split="train")

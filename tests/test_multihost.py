@@ -16,7 +16,7 @@ import sys
 import jax
 import numpy as np
 
-from rmjax import sharding, train
+from rmjax import sharding, train, train_state
 from rmjax.checkpoint import Checkpointer
 from rmjax.data import sources
 from rmjax.data.pipeline import train_dataset
@@ -70,7 +70,7 @@ def restore(workdir):
   config = tiny_config("paper")
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   with sharding.use_mesh(mesh):
-    _, abstract = train.abstract_state(config, mesh)
+    _, abstract = train_state.abstract_state(config, mesh)
     data_iter = iter(train_dataset(
         sources.make_source(config, "train"), sources.make_tokenizer(config),
         global_batch_size=config.train.batch_size, max_len=config.data.max_len, seed=config.seed))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rmjax import losses, objective, sharding, train
+from rmjax import losses, objective, sharding, train_state
 from tests.helpers import assert_tree_close, pair_batch, tiny_config
 
 
@@ -80,8 +80,8 @@ def test_sparse_last_block_gives_the_dense_loss_and_gradients(variant, goal, pad
   batch = pair_batch(8, max_len=config.data.max_len, padding_side=padding)
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   with sharding.use_mesh(mesh):
-    graphdef, state = train.create_state(config)
-    model, _ = train.unpack(nnx.merge(graphdef, state))
+    graphdef, state = train_state.create_state(config)
+    model, _ = train_state.merge(graphdef, state)
     model_def, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss_and_grads(terms):
@@ -104,7 +104,7 @@ def test_rows_and_features_give_the_same_states():
   tokens, mask = batch["tokens"].reshape(8, -1), batch["mask"].reshape(8, -1)
   rows = np.random.default_rng(0).integers(0, tokens.shape[1], size=(8, 5))
   with sharding.use_mesh(sharding.make_mesh((1, 1, 1), jax.devices()[:1])):
-    model, _ = train.unpack(nnx.merge(*train.create_state(config)))
+    model, _ = train_state.merge(*train_state.create_state(config))
     reward, h = model(tokens, mask)
     want = np.take_along_axis(np.asarray(h), rows[..., None], axis=1)
     outputs = [model(tokens, mask, rows)] + [

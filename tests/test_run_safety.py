@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 
-from rmjax import evaluate, sharding, train
+from rmjax import evaluate, sharding, train, train_state
 from rmjax.convert.export import export_reward_model
 from rmjax.main import save_config
 from rmjax.models import RewardModel
@@ -134,10 +134,10 @@ def test_metrics_after_a_crash_and_resume_hold_each_step_once(tmp_path):
 def test_evaluate_a_run_initialised_from_a_pretrained_model(tmp_path):
   config = tiny_config("bt", steps=1, eval_every=1000, async_checkpointing=False)
   with sharding.use_mesh(sharding.make_mesh((1, 1, 1), jax.devices()[:1])):
-    model = RewardModel(train.model_config(config), rngs=nnx.Rngs(1))
+    model = RewardModel(train_state.model_config(config), rngs=nnx.Rngs(1))
     export_reward_model(model, tmp_path / "hf")
   for field in list(config.model):
-    if field not in train.ARCH_EXEMPT:
+    if field not in train_state.ARCH_EXEMPT:
       setattr(config.model, field, None)  # the architecture comes from the checkpoint
   config.model.init_from = str(tmp_path / "hf")
   config.data.eval_size = 8

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from rmjax import sharding, train
-from tests.helpers import loss_metrics_grads, tiny_config
+from rmjax import sharding, train_state
+from tests.helpers import assert_tree_close, loss_metrics_grads, tiny_config
 
 
 def loss_and_grads(mesh_shape, variant, devices):
@@ -13,7 +13,7 @@ def loss_and_grads(mesh_shape, variant, devices):
   config.model.num_heads, config.model.num_kv_heads = 4, 2  # tensor-shardable head counts
   mesh = sharding.make_mesh(mesh_shape, devices)
   with sharding.use_mesh(mesh):
-    graphdef, state = train.create_state(config)
+    graphdef, state = train_state.create_state(config)
     (loss, metrics), grads = loss_metrics_grads(graphdef, state, config, mesh)
     kernel = state["model"]["backbone"]["layers"][0]["mlp"]["gate"]["kernel"][...]
     return jax.device_get((loss, metrics, grads)), (kernel.sharding.spec,
@@ -29,10 +29,8 @@ def test_eight_device_mesh_matches_one_device(variant):
   assert spec8 == (P("fsdp", "tensor"), 8)  # really sharded over the 8 devices
   np.testing.assert_allclose(l8, l1, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(m8["contrastive_loss"], m1["contrastive_loss"], rtol=1e-5)
-  flat1, flat8 = jax.tree.leaves(g1), jax.tree.leaves(g8)
-  assert len(flat1) == len(flat8) > 10
-  for a, b in zip(flat1, flat8):
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  assert len(jax.tree.leaves(g1)) > 10
+  assert_tree_close(g8, g1, rtol=1e-4)
 
 
 def test_make_mesh_fills_minus_one_and_rejects_bad_shapes():

@@ -11,9 +11,8 @@ from types import SimpleNamespace
 
 import jax
 import pytest
-from flax import nnx
 
-from rmjax import cache_features, sharding, train
+from rmjax import cache_features, sharding, train_state
 from rmjax.data import readers
 from rmjax.data.synthetic import SyntheticMath
 from tests.helpers import tiny_config
@@ -80,7 +79,7 @@ def test_caching_another_split_keeps_the_earlier_ones(tmp_path):
   config = tiny_config("paper")
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   with sharding.use_mesh(mesh):
-    model, _ = train.unpack(nnx.merge(*train.create_state(config)))
+    model, _ = train_state.merge(*train_state.create_state(config))
     cache_features.cache(config, model, 1, out, ("train",), limit=12, batch_size=8)
     cache_features.cache(config, model, 1, out, ("validation",), limit=8, batch_size=8)
     with pytest.raises(ValueError, match="other settings"):  # another layer: refused, not mixed

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rmjax import objective, sharding, train
+from rmjax import objective, sharding, train, train_state
 from rmjax.checkpoint import Checkpointer, data_state_of_another_process_count
 from rmjax.data import sources
 from rmjax.data.pipeline import train_dataset
@@ -37,7 +37,7 @@ def final_params(workdir, config):
   """Parameters of the newest checkpoint in ``workdir``, as numpy."""
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   with sharding.use_mesh(mesh):
-    _, abstract = train.abstract_state(config, mesh)
+    _, abstract = train_state.abstract_state(config, mesh)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     data_iter = iter(train_dataset(
         sources.make_source(config, "train"), sources.make_tokenizer(config),
@@ -55,8 +55,8 @@ def test_create_state_equals_one_jitted_init_of_the_whole_model():
   config.model.num_layers = 3
   mesh = sharding.make_mesh((2, 2, 2), jax.devices()[:8])
   with sharding.use_mesh(mesh):
-    graphdef, state = train.create_state(config)
-    ref = nnx.jit(lambda: RewardModel(train.model_config(config), rngs=nnx.Rngs(config.seed)))()
+    graphdef, state = train_state.create_state(config)
+    ref = nnx.jit(lambda: RewardModel(train_state.model_config(config), rngs=nnx.Rngs(config.seed)))()
   got = dict(nnx.to_flat_state(nnx.state(nnx.merge(graphdef, state)["model"], nnx.Param)))
   want = dict(nnx.to_flat_state(nnx.state(ref, nnx.Param)))
   assert got.keys() == want.keys() and len(got) == 2 + 3 * 9 + 1
@@ -70,7 +70,7 @@ def test_create_state_equals_one_jitted_init_of_the_whole_model():
 
 def test_train_step_compiles_once_and_learns(mesh1, caplog):
   config = tiny_config("paper", steps=30, eval_every=1000, ckpt_every=1000)
-  graphdef, state = train.create_state(config)
+  graphdef, state = train_state.create_state(config)
   step_fn = jax.jit(train.make_train_step(graphdef, objective.build_terms(config.loss),
                                           accum_steps=1, seed=0), donate_argnums=0)
   batches = [sharding.host_to_global(pair_batch(8, max_len=config.data.max_len,
@@ -89,7 +89,7 @@ def test_train_step_compiles_once_and_learns(mesh1, caplog):
 def test_gradient_accumulation_matches_one_big_batch(mesh1):
   config = tiny_config("bt")
   config.optim.warmup_steps = 0
-  graphdef, state = train.create_state(config)
+  graphdef, state = train_state.create_state(config)
   terms = objective.build_terms(config.loss)
   batch = sharding.host_to_global(pair_batch(8, max_len=config.data.max_len), mesh1)
   one = jax.jit(train.make_train_step(graphdef, terms, accum_steps=1, seed=0))
@@ -109,7 +109,7 @@ def test_non_finite_updates_are_skipped_however_many_in_a_row(mesh1):
   config = tiny_config("paper")
   config.optim.warmup_steps = 0  # a warmup would make the first real step's lr 0
   config.optim.max_consecutive_nonfinite = 2
-  graphdef, state = train.create_state(config)
+  graphdef, state = train_state.create_state(config)
   step_fn = jax.jit(train.make_train_step(graphdef, objective.build_terms(config.loss),
                                           accum_steps=1, seed=0))
   good = pair_batch(8, max_len=config.data.max_len)
@@ -199,7 +199,7 @@ def test_too_many_non_finite_steps_stop_training_before_a_checkpoint(tmp_path):
 
 def test_restore_with_a_changed_config_renames_nothing_and_says_why(tmp_path, mesh1):
   config = tiny_config("bt")
-  _, state = train.create_state(config)
+  _, state = train_state.create_state(config)
   data_iter = iter(train_dataset(
       sources.make_source(config, "train"), sources.make_tokenizer(config),
       global_batch_size=config.train.batch_size, max_len=config.data.max_len, seed=0))
@@ -207,14 +207,14 @@ def test_restore_with_a_changed_config_renames_nothing_and_says_why(tmp_path, me
   for step in (2, 4):
     ckpt.save(step, state, data_iter)
   config.model.num_layers = 2  # resumed with another architecture
-  _, abstract = train.abstract_state(config, mesh1)
+  _, abstract = train_state.abstract_state(config, mesh1)
   with pytest.raises(RuntimeError, match="none of the 2 checkpoints restores") as e:
     ckpt.restore_latest(abstract, data_iter)
   assert "step 4" in str(e.value) and str(tmp_path) in str(e.value)
   assert "config" in str(e.value)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
   config.model.num_layers = 1  # the run's config, and a broken newest: set aside, older used
-  _, abstract = train.abstract_state(config, mesh1)
+  _, abstract = train_state.abstract_state(config, mesh1)
   for root, _, files in os.walk(tmp_path / "checkpoints" / "4" / "state"):
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
@@ -231,7 +231,7 @@ def test_itstime_every_n_steps_and_the_last():
 
 def test_data_position_saved_under_another_process_count_restores(tmp_path, mesh1):
   config = tiny_config("bt")
-  _, state = train.create_state(config)
+  _, state = train_state.create_state(config)
 
   def data_iter():
     return iter(train_dataset(
@@ -247,7 +247,7 @@ def test_data_position_saved_under_another_process_count_restores(tmp_path, mesh
   os.rename(data / "process_0-of-1.json", data / "process_1-of-2.json")  # as if by 2 processes
   assert data_state_of_another_process_count(str(data)) == str(data / "process_1-of-2.json")
   restored = data_iter()
-  _, abstract = train.abstract_state(config, mesh1)
+  _, abstract = train_state.abstract_state(config, mesh1)
   assert ckpt.restore_latest(abstract, restored)[0] == 2
   np.testing.assert_array_equal(next(restored)["tokens"], expected["tokens"])
   ckpt.close()
@@ -271,7 +271,7 @@ def test_config_json_refuses_another_architecture(tmp_path):
 
 def test_bad_accum_steps_and_intervals_are_clear_errors(tmp_path, mesh1):
   config = tiny_config("bt")
-  graphdef, state = train.create_state(config)
+  graphdef, state = train_state.create_state(config)
   terms = objective.build_terms(config.loss)
   with pytest.raises(ValueError, match="train.accum_steps=0"):
     train.make_train_step(graphdef, terms, accum_steps=0, seed=0)
@@ -296,7 +296,7 @@ def test_create_state_follows_the_active_logical_rules():
   no_mlp = tuple((k, None if k == "mlp" else v) for k, v in sharding.DEFAULT_RULES)
   for rules in (sharding.DEFAULT_RULES, no_mlp):
     with sharding.use_mesh(mesh, rules):
-      graphdef, state = train.create_state(config)
+      graphdef, state = train_state.create_state(config)
     gate = state["model"]["backbone"]["layers"][0]["mlp"]["gate"]["kernel"][...]
     want = jax.sharding.NamedSharding(mesh, sharding.logical_spec(("embed", "mlp"), rules))
     assert gate.sharding.is_equivalent_to(want, 2), (rules, gate.sharding.spec)
