@@ -12,20 +12,16 @@ counts.
 """
 from __future__ import annotations
 
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from rmjax import sharding, train  # noqa: E402
-from rmjax.data import sources  # noqa: E402
-from rmjax.data.pipeline import length_report, train_dataset  # noqa: E402
+from rmjax import sharding, train, train_state
+from rmjax.data import sources
+from rmjax.data.pipeline import length_report, train_dataset
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gsm8k.py", "Config file [:arg].")
 _BATCHES = flags.DEFINE_integer("batches", 64, "pipeline batches to time")
@@ -64,7 +60,7 @@ def bench_step(config, batches, n_steps: int):
   rules = tuple(tuple(r) for r in config.mesh.rules)
   mesh = sharding.make_mesh(tuple(config.mesh.shape))
   with sharding.use_mesh(mesh, rules):
-    graphdef, state = train.create_state(config)
+    graphdef, state = train_state.create_state(config)
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     step = train.jit_train_step(graphdef, config, state_sharding)
     if not _ALL_SHAPES.value:  # a full-size model takes minutes to compile on a few CPU cores

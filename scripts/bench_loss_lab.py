@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def last_block_share(model: dict, terms, seq_len: int) -> float:
@@ -49,9 +46,8 @@ def main(argv=None) -> None:
   import jax
   import ml_collections
   import numpy as np
-  from flax import nnx
 
-  from rmjax import loss_lab, objective, sharding, train
+  from rmjax import loss_lab, objective, sharding, train, train_state
   from rmjax.cache_features import FeatureSource
 
   src = FeatureSource(args.features, "train")
@@ -72,12 +68,12 @@ def main(argv=None) -> None:
       if name == "features":
         graphdef, state = loss_lab.lab_state(config, args.features, mesh)
       else:
-        graphdef, state = train.create_state(config, mesh)
-      model, _ = train.unpack(nnx.merge(graphdef, state))
+        graphdef, state = train_state.create_state(config, mesh)
+      model, _ = train_state.merge(graphdef, state)
       loss = jax.jit(lambda b, m=model, s=start: objective.objective(
           m, b, jax.random.key(0), terms, s)[0])(batch)
       step = jax.jit(train.make_train_step(graphdef, terms, accum_steps=1, seed=0,
-                                           trainable=train.trainable_filter(config),
+                                           trainable=train_state.trainable_filter(config),
                                            start_layer=start), donate_argnums=0)
       state, _ = step(state, batch)  # compile + warm-up
       jax.block_until_ready(state)

@@ -41,8 +41,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_measure import PeakMatmul, machine, profile, xla_cost  # noqa: E402  (beside this file)
+from bench_measure import PeakMatmul, machine, profile, xla_cost  # beside this file
 
 _LAYERS = flags.DEFINE_integer("layers", 4, "Decoder layers (SmolLM2-135M has 30).")
 _SEQ = flags.DEFINE_integer("seq", 256, "L: tokens per sequence.")
@@ -134,8 +133,8 @@ def host_random_state(config, mesh):
   (create_state's random init of the 30-layer model: 7.8 s on an H200, 5.3 s on CPU)."""
   import jax
 
-  from rmjax import train
-  graphdef, abstract = train.abstract_state(config, mesh)
+  from rmjax import train_state
+  graphdef, abstract = train_state.abstract_state(config, mesh)
   rng = np.random.default_rng(0)
 
   def fill(path, x):

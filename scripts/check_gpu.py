@@ -46,7 +46,7 @@ def rel(a, b) -> float:
 def check_attention(mesh) -> bool:
   import jax
 
-  from rmjax import train
+  from rmjax import train_state
   from tests.helpers import loss_metrics_grads, tiny_config
   ok = True
   print("cuDNN flash attention vs XLA attention (bf16 compute; loss = BT + paper, sparse last "
@@ -62,7 +62,7 @@ def check_attention(mesh) -> bool:
                           dtype=dtype, attention=attention)
       config.data.max_len = 128
       # same seed: same weights in every variant
-      (loss, _), grads = loss_metrics_grads(*train.create_state(config), config, mesh, side)
+      (loss, _), grads = loss_metrics_grads(*train_state.create_state(config), config, mesh, side)
       out[name] = jax.device_get((loss, grads))
     (l32, g32), (l16, g16), (lc, gc) = out["fp32"], out["bf16"], out["cudnn"]
     e16, ec = rel(g16, g32), rel(gc, g32)

@@ -36,12 +36,9 @@ import argparse
 import json
 import os
 import re
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 VARIANTS = {
     "bt": {"loss.beta": 0.0},
@@ -73,9 +70,8 @@ class TrainedTop:
 
   def __init__(self, features: str, params: str):
     import jax
-    from flax import nnx
 
-    from rmjax import loss_lab, sharding, train
+    from rmjax import loss_lab, sharding, train_state
     from rmjax.cache_features import FeatureSource
     from rmjax.data.sources import make_tokenizer
     from rmjax.eval import goal as goal_lib
@@ -85,7 +81,7 @@ class TrainedTop:
     self.tokenizer = make_tokenizer(self.config)
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     with sharding.use_mesh(mesh, self.config.mesh.rules):
-      model, _ = train.unpack(nnx.merge(*loss_lab.lab_state(self.config, params, mesh)))
+      model, _ = train_state.merge(*loss_lab.lab_state(self.config, params, mesh))
     self.head = lambda h: np.asarray(model.head(h))[..., 0]
     self._hidden = jax.jit(lambda x, m: model.from_features(x, m, layer)[1])
     h, rows, _, _ = self.sequences(features, "train", chosen_only=True)

@@ -21,12 +21,9 @@ import argparse
 import itertools
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 SHORT = {"beta": "loss.beta", "goal": "loss.contrastive.goal", "mode": "loss.contrastive.mode",
          "temperature": "loss.contrastive.temperature",

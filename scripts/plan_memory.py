@@ -11,13 +11,9 @@ estimate of what the backward pass keeps, for a compiler that honours remat (GPU
 is allocated) and sets the plan beside XLA's ``memory_analysis()``: arguments (state + batch) and
 temp (gradients + activations + XLA's scratch).
 """
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file [:arg].",
                                           lock_config=True)
