@@ -61,7 +61,6 @@ def assert_tree_close(actual, desired, rtol):
   errors = relative_errors(actual, desired)
   bad = {k: e for k, e in errors.items() if not e <= rtol}
   worst = max(errors, key=errors.get)
-  print(f"\nMEASURE worst {errors[worst]:.3e} at {worst}")  # TEMP
   assert not bad, (f"{len(bad)} of {len(errors)} leaves differ by more than rtol={rtol:g} in "
                    f"norm: {dict(sorted(bad.items(), key=lambda kv: -kv[1])[:5])}")
   return errors[worst]

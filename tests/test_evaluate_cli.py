@@ -71,14 +71,12 @@ def test_evaluate_matches_train_eval_and_compiles_once(tiny_run, tmp_path, caplo
   # 2 * tol of each other may swap order, each swap moves AUROC by 1 / (n_pos * n_neg)
   tol = 1e-5 * np.abs(r_eval).max()
   assert np.abs(r_train - r_eval).max() <= tol
-  print("MEASURE rewards", np.abs(r_train - r_eval).max(), np.abs(r_eval).max(), r_eval.std())  # TEMP
   solutions = metrics.unique_solutions(rows["tokens"], np.repeat(
       [held_out[i].get("problem_id", i) for i in range(len(held_out))], 2))
   s, pos = r_eval[solutions], solutions % 2 == 0
   near_ties = np.abs(s[pos][:, None] - s[~pos][None, :]) <= 2 * tol
   auroc_tol = near_ties.sum() / near_ties.size
   pair_tol = np.mean(np.abs(r_eval[0::2] - r_eval[1::2]) <= 2 * tol)
-  print("MEASURE ties", near_ties.sum(), near_ties.size, pair_tol, np.sort(np.abs(s[pos][:, None] - s[~pos][None, :]).ravel())[:3])  # TEMP
   for got in (result, metrics.preference_metrics(r_eval[0::2], r_eval[1::2], solutions)):
     assert got["auroc"] == pytest.approx(trained["auroc"], abs=auroc_tol + 1e-12)
     assert got["pairwise_accuracy"] == pytest.approx(trained["pairwise_accuracy"],
