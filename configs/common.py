@@ -60,7 +60,7 @@ def model(**fields) -> ConfigDict:
   c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (weights stay param_dtype)
   c.attention = "xla"  # 'xla', or 'cudnn': flash attention on NVIDIA GPUs (bf16 dtype)
   c.remat = "none"  # recompute activations per block: 'none', 'dots_saveable', 'full'
-  c.scan_layers = False  # blocks as one lax.scan (one block in the program; README)
+  c.scan_layers = False  # blocks as one lax.scan (one block in the program; docs/scale.md)
   return _set(c, "model", fields)
 
 

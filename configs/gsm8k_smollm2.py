@@ -6,7 +6,7 @@ Variants (``:arg``) as ``configs/gsm8k.py`` (``paper`` default, ``bt``, ``infonc
 for a 2-core CPU: only the top 2 of 30 blocks and the head train, sequences are cut at 320 tokens
 (p99 of the pairs is ~310). ``scripts/experiment_gsm8k.py`` runs the comparison on cached
 features of the frozen blocks, the same model and losses: ``rmjax.cache_features --layer=29``
-trains the top block (the README's results), ``--layer=28`` the top 2 as here.
+trains the top block (the results in docs/results.md), ``--layer=28`` the top 2 as here.
 """
 from configs import gsm8k
 from rmjax.data.tokenizer import SMOLLM2_HINT, smollm2_gguf

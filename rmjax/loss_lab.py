@@ -111,7 +111,7 @@ def load_top_params(state, path: str):
 
 
 def lab_state(config, params: str, mesh):
-  """``create_state`` without its random initialisation (40 s for SmolLM2-135M on 2 cores): the
+  """``create_state`` without its random initialisation (set-up time: docs/loss_lab.md): the
   lab runs only the blocks from the cached layer up, the final norm and the head, all loaded from
   ``params`` (a features folder or a run's saved top); every other parameter is zeros, never read.
   Call under ``mesh``."""

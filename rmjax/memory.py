@@ -9,7 +9,7 @@
 * batch: the int32 token / mask / response arrays and the margins of this device's rows: exact.
 * activations: what the backward pass keeps per block on a fusing compiler (XLA on GPU/TPU: the
   block input and the matmul outputs; ``_block_bytes``) under the remat policy, plus one block's
-  backward pass and the final hidden states: an estimate (README: against XLA:GPU on an H200;
+  backward pass and the final hidden states: an estimate (docs/scale.md: against XLA:GPU on an H200;
   XLA:CPU ignores remat).
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures in README (Performance; Memory planning): correctness checks, then benchmarks,
+# The GPU figures in docs/performance.md and docs/scale.md: correctness checks, then benchmarks,
 # all logged to one file. On a machine with an NVIDIA GPU and rmjax installed:
 #
 #   bash scripts/bench_gpu.sh [LOG]        # LOG defaults to runs/gpu.log
@@ -15,8 +15,8 @@
 #   5. plan_memory's estimate vs XLA:GPU's memory analysis (remat none / dots_saveable / full;
 #      three shapes, the third held out from the estimate's revisions), one device
 #   6. the same on FSDP (1, 8, 1) and data x FSDP x tensor (2, 2, 2) meshes, compiled for 8 GPUs
-#      that XLA mocks (check_gpu.py --mock_processes=8; compile only; on an H200 the first
-#      compile had not finished after 85-115 s: give it STEP_TIMEOUT)
+#      that XLA mocks (check_gpu.py --mock_processes=8; compile only; slow on an H200, see
+#      docs/scale.md: give it STEP_TIMEOUT)
 #   7. train.create_state's random init of the 30-layer model (one jitted init per block shape)
 set -u
 LOG=${1:-runs/gpu.log}

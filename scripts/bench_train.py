@@ -130,7 +130,7 @@ def flops_per_token(n_nonembed: int) -> float:
 def host_random_state(config, mesh):
   """The train state with weights drawn on the host (N(0, 0.02²); norm scales 1; optimiser
   state 0) and placed with the state's shardings. Timing does not need rmjax's initialisers
-  (create_state's random init of the 30-layer model: 7.8 s on an H200, 5.3 s on CPU)."""
+  (create_state's random init times: docs/performance.md, Initialisation)."""
   import jax
 
   from rmjax import train_state
@@ -220,8 +220,8 @@ class TorchStep:
 
 def main(argv):
   del argv
-  # JAX allocates on demand: PyTorch shares the accelerator, and on an H200 (jax 0.11.2) the 135M
-  # step took 71-73 ms with JAX's default preallocation vs 52 ms without (README, Performance)
+  # JAX allocates on demand: PyTorch shares the accelerator, and on an H200 the 135M step was
+  # slower with JAX's default preallocation (docs/performance.md, Preallocation)
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   import jax
 

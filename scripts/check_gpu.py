@@ -13,8 +13,8 @@
   (state + batch, exact) and temp (gradients + activations, the estimate; XLA's temp also holds
   its scratch). Target: temp within 15%. ``--mesh`` compiles for a (data, fsdp, tensor) mesh
   with the same pairs per data shard; ``--mock_processes`` makes XLA mock the GPUs one machine
-  lacks (``jax.config`` ``mock_num_gpu_processes``; compile only; on an H200 with jax 0.11.2 one
-  such compile for 8 mocked GPUs did not finish within 85-115 s, so no figures yet).
+  lacks (``jax.config`` ``mock_num_gpu_processes``; compile only; on an H200 such a compile for 8
+  mocked GPUs has not finished in the time tried, so no figures yet: docs/scale.md).
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def check_attention(mesh) -> bool:
 
 # (name, model fields, pairs, tokens). The activation estimate was revised after seeing the first
 # shape's compiles on an H200, and again (+ the logits' gradient) after the second's; the third
-# was not seen then: the out-of-sample check (README, Memory levers and planning).
+# was not seen then: the out-of-sample check (docs/scale.md, Memory levers and planning).
 MEMORY_SHAPES = (
     ("SmolLM2-135M, 4 layers", dict(vocab_size=49152, dim=576, num_layers=4, num_heads=9,
                                     num_kv_heads=3, head_dim=64, mlp_dim=1536), 8, 512),

@@ -21,7 +21,7 @@ Variants: ``bt`` (beta 0), ``paper`` (paper contrastive, random future goal), ``
 steps, batch, learning rate and data order per seed. Held-out = the validation problems (no
 problem of the training pairs); nothing is tuned on them. Summaries are mean ± sample sd (ddof 1)
 over seeds. ``--test`` evaluates the finished runs on the test problems too (pairwise accuracy,
-AUROC; voting for seed 0). Writes ``results.json``, ``results.md`` (the README table) and each
+AUROC; voting for seed 0). Writes ``results.json``, ``results.md`` (see docs/results.md) and each
 run's trained parameters (``<variant>_s<seed>.npz``). For seed 0 of each variant it also runs
 goal-filtered majority voting over the held-out problems' solutions (``rmjax.eval.voting``; goal =
 mean final-token state of the training pairs' correct solutions): voting accuracy, tokens saved at

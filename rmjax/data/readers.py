@@ -8,7 +8,7 @@ record (malformed JSON, missing or empty field, bytes that are not UTF-8) raises
 natural group (problem, dialogue, question) carry it as an int ``problem_id``, which the
 by-problem bootstrap resamples.
 
-Text conventions (see README "Real data"):
+Text conventions (see docs/data.md):
 * GSM8K: the ``<<a*b=c>>`` calculator notes are stripped (models write plain text) and the final
   ``#### n`` line of reference solutions becomes ``A: n``, the model solutions' format. Prompt =
   question + newline, response = solution.

@@ -14,7 +14,7 @@ others; ``problem_id`` is that hash, so the by-problem bootstrap groups repeats 
 Every number written stays in 0..max_value (single digits by default), so no slip is given away
 by a number's size. How fast a tiny model from scratch learns to spot each kind differs a lot:
 ``carry`` needs an equality check between neighbouring lines, ``arith`` needs the addition
-table (see README for measured numbers).
+table (measured numbers: docs/data.md, The demo data).
 """
 from __future__ import annotations
 

@@ -205,7 +205,8 @@ def jitted_init(factory, cfg: LlamaConfig):
   """``factory(cfg, rngs=rngs)`` as one jitted function per (factory, config, logical axis rules,
   mesh). Inside a traced init it is inlined and changes nothing; called eagerly
   (``rmjax.train_state.create_state``), a model's identical blocks share one compiled init instead of
-  compiling every parameter's random-number kernels, which took minutes on a GPU for 30 layers.
+  compiling every parameter's random-number kernels, which is slow for deep models (timings:
+  docs/performance.md, Initialisation).
   Same numbers either way."""
   # the parameters' shardings come from the active rules and mesh: both are part of the key
   return _jitted_init(factory, cfg, _frozen(flax_spmd.get_logical_axis_rules()),
