@@ -3,8 +3,21 @@
 Real tokens of a row are contiguous (right, left or no padding); ``mask`` is 1 on them.
 # B: batch, L: sequence length, D: model dim, P: positions asked for
 """
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+
+
+class ReadRows(NamedTuple):
+  """The positions a loss reads (a pytree): the model's last block runs at these alone."""
+  states_BxP: jax.Array  # the hidden states it returns
+  reward_B: jax.Array  # where the head reads the reward: the last real token
+
+  @classmethod
+  def at(cls, states_BxP: jax.Array, mask_BxL: jax.Array) -> "ReadRows":
+    """``states`` and the reward's row of each sequence of ``mask``."""
+    return cls(states_BxP, last_token_index(mask_BxL))
 
 
 def gather_rows(x_BxLxD: jax.Array, rows_BxP: jax.Array) -> jax.Array:

@@ -8,6 +8,7 @@ contrastive term, and any user terms ``"package.module:function=weight"`` (comma
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 from collections.abc import Callable
@@ -17,17 +18,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from rmjax import losses
+from rmjax.indexing import ReadRows
 
 Term = tuple[str, float, Callable]
 
 
-class Terms(list):
-  """The ``(name, weight, fn)`` terms; ``sparse``: all are built-in (BT, contrastive), so the
-  last block need only run at the rows they read (``objective``)."""
-
-  def __init__(self, items=(), sparse: bool = False):
-    super().__init__(items)
-    self.sparse = sparse
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """The ``(name, weight, fn)`` terms; ``sparse``: run the last block only at the rows they
+  read (``loss.sparse_last_block``, and every term is built-in: BT, contrastive)."""
+  terms: tuple[Term, ...]
+  sparse: bool = False
 
 
 def load_function(spec: str) -> Callable:
@@ -44,9 +45,9 @@ def load_function(spec: str) -> Callable:
   return fn
 
 
-def build_terms(loss_cfg) -> Terms:
-  """``(name, weight, fn)`` for every term with a non-zero weight."""
-  terms = Terms()
+def build_terms(loss_cfg) -> Objective:
+  """``(name, weight, fn)`` for every term with a non-zero weight, and whether they are sparse."""
+  terms = []
   if loss_cfg.bt_weight:
     terms.append(("bt", float(loss_cfg.bt_weight), losses.bt_term))
   if loss_cfg.beta:
@@ -61,27 +62,29 @@ def build_terms(loss_cfg) -> Terms:
     terms.append((spec.rpartition(":")[2], float(weight), load_function(spec)))
   if not terms:
     raise ValueError("config.loss: every term has weight 0; nothing to train")
-  terms.sparse = bool(loss_cfg.get("sparse_last_block", True)) and all(
+  sparse = bool(loss_cfg.get("sparse_last_block", True)) and all(
       fn is losses.bt_term or isinstance(fn, losses.ContrastiveTerm) for _, _, fn in terms)
-  return terms
+  return Objective(tuple(terms), sparse)
 
 
-def forward_pairs(model, batch, start_layer: int = 0, rows_Bx2xP=None) -> losses.PairOutputs:
+def forward_pairs(model, batch, start_layer: int = 0, states_Bx2xP=None) -> losses.PairOutputs:
   """Runs chosen and rejected sequences through the model in one pass of 2B sequences.
 
   A batch from the loss lab also carries ``features`` [B, 2, L, D] (the cached hidden states
   entering block ``start_layer``); the rest of the model runs on them (``tokens`` then only say
-  which states are negatives and which sequences are copies: ``pair_identity``). ``rows``:
-  compute (and return as ``h``) only the states at these positions of each sequence.
+  which states are negatives and which sequences are copies: ``pair_identity``). ``states``:
+  compute (and return as ``h``) only the states at these positions of each sequence
+  (``ReadRows``), and the reward.
   """
   b, _, l = batch["mask"].shape
   mask_2BxL = batch["mask"].reshape(2 * b, l)
-  rows_2BxP = None if rows_Bx2xP is None else rows_Bx2xP.reshape(2 * b, rows_Bx2xP.shape[-1])
+  rows = None if states_Bx2xP is None else ReadRows.at(
+      states_Bx2xP.reshape(2 * b, states_Bx2xP.shape[-1]), mask_2BxL)
   if "features" in batch:
     reward_2B, h_2BxLxD = model.from_features(
-        batch["features"].reshape(2 * b, l, -1), mask_2BxL, start_layer, rows_2BxP)
+        batch["features"].reshape(2 * b, l, -1), mask_2BxL, start_layer, rows)
   else:
-    reward_2B, h_2BxLxD = model(batch["tokens"].reshape(2 * b, l), mask_2BxL, rows_2BxP)
+    reward_2B, h_2BxLxD = model(batch["tokens"].reshape(2 * b, l), mask_2BxL, rows)
   negatives_BxL, chosen_id_Bx2 = pair_identity(batch)
   reward_Bx2 = reward_2B.reshape(b, 2)
   h_Bx2xLxD = h_2BxLxD.reshape(b, 2, *h_2BxLxD.shape[1:])
@@ -102,7 +105,7 @@ def pair_identity(batch) -> tuple[jax.Array, jax.Array]:
   return negatives_BxL, losses.sequence_id(tokens[:, 0], mask[:, 0])
 
 
-def sampled_rows(batch, key, terms: Terms):
+def sampled_rows(batch, key, terms: tuple[Term, ...]):
   """The sparse path: every contrastive term samples its states before the forward pass.
 
   Returns the rows to compute, [B, 2, P] (chosen: each term's sources then goals; rejected: its
@@ -142,11 +145,11 @@ def _on_rows(term: losses.ContrastiveTerm, idx: losses.StateIndices, out, key):
   return term.from_states(out.h_chosen_BxLxD, out.h_rejected_BxLxD, idx, out.chosen_id_Bx2)
 
 
-def sample_counts(batch, terms: list[Term]) -> dict[str, jax.Array]:
+def sample_counts(batch, terms: Objective) -> dict[str, jax.Array]:
   """For each contrastive term, how many pairs of ``batch`` its mean is over (``num_valid``):
   gradient accumulation weighs each micro-batch's mean by it, as one big batch would."""
   counts, negatives_BxL = {}, None
-  for name, _, fn in terms:
+  for name, _, fn in terms.terms:
     if isinstance(fn, losses.ContrastiveTerm):
       if negatives_BxL is None:
         negatives_BxL, _ = pair_identity(batch)
@@ -154,7 +157,7 @@ def sample_counts(batch, terms: list[Term]) -> dict[str, jax.Array]:
   return counts
 
 
-def objective(model, batch, key, terms: list[Term], start_layer: int = 0, scales=None):
+def objective(model, batch, key, terms: Objective, start_layer: int = 0, scales=None):
   """Total loss and a flat metrics dict (``<term>_loss``, ``<term>/<metric>``, ...).
 
   With sparse ``terms`` (``build_terms``) the last block runs only at the last token and the
@@ -162,14 +165,15 @@ def objective(model, batch, key, terms: list[Term], start_layer: int = 0, scales
   ``{term name: factor}`` applied to those terms' losses (gradient accumulation's weights).
   """
   scales = scales or {}
-  if getattr(terms, "sparse", False):
-    rows_Bx2xP, terms = sampled_rows(batch, key, terms)
-    out = forward_pairs(model, batch, start_layer, rows_Bx2xP)
+  calls = terms.terms
+  if terms.sparse:
+    states_Bx2xP, calls = sampled_rows(batch, key, calls)
+    out = forward_pairs(model, batch, start_layer, states_Bx2xP)
   else:
     out = forward_pairs(model, batch, start_layer)
   total = jnp.zeros((), jnp.float32)
   metrics = losses.pair_metrics(out.reward_chosen_B, out.reward_rejected_B)
-  for i, (name, weight, fn) in enumerate(terms):
+  for i, (name, weight, fn) in enumerate(calls):
     result = fn(out, jax.random.fold_in(key, i))
     value, extra = result if isinstance(result, tuple) else (result, {})
     value = value * scales.get(name, 1.0)

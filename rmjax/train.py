@@ -94,8 +94,8 @@ def make_train_step(graphdef, terms, *, accum_steps: int, seed: int, trainable=n
 def make_eval_step(graphdef, start_layer: int = 0):
   def eval_step(state, batch):
     model, _ = merge(graphdef, state)
-    no_rows = jnp.zeros((batch["mask"].shape[0], 2, 0), jnp.int32)  # the rewards only
-    out = objective.forward_pairs(model, batch, start_layer, no_rows)
+    no_states = jnp.zeros((batch["mask"].shape[0], 2, 0), jnp.int32)  # the rewards only
+    out = objective.forward_pairs(model, batch, start_layer, no_states)
     return out.reward_chosen_B, out.reward_rejected_B
   return eval_step
 

@@ -30,7 +30,7 @@ def last_block_share(model: dict, terms, seq_len: int) -> float:
   if not terms.sparse:
     return 1.0
   rows = 1 + sum(t.num_samples * (1 + (t.num_goal_samples if t.goal == "avg" else 1))
-                 for _, _, t in terms if isinstance(t, losses.ContrastiveTerm))
+                 for _, _, t in terms.terms if isinstance(t, losses.ContrastiveTerm))
   return (kv + rest * min(rows, seq_len) / seq_len) / (kv + rest)
 
 

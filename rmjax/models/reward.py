@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rmjax.indexing import gather_rows, last_token_index
+from rmjax.indexing import ReadRows, gather_rows, last_token_index
 from rmjax.models.llama import Llama, LlamaConfig, jitted_init
 
 
@@ -29,22 +29,20 @@ class RewardModel(nnx.Module):
     self.backbone = Llama(cfg, rngs=rngs)
     self.head = jitted_init(_head, cfg)(rngs)  # jitted: the same rounding as a jitted init
 
-  def __call__(self, tokens_BxL: jax.Array, mask_BxL: jax.Array, rows_BxP=None
+  def __call__(self, tokens_BxL: jax.Array, mask_BxL: jax.Array, rows: ReadRows | None = None
                ) -> tuple[jax.Array, jax.Array]:
-    """``(reward_B, h)``: ``h`` is ``h_BxLxD``, or only the states at ``rows`` (``h_BxPxD``,
-    computed at those positions alone: see ``Llama.run_from``)."""
-    return self._outputs(self.backbone(tokens_BxL, mask_BxL, _and_last(mask_BxL, rows_BxP)),
-                         mask_BxL, rows_BxP)
+    """``(reward_B, h)``: ``h`` is ``h_BxLxD``, or with ``rows`` only the states at
+    ``rows.states_BxP`` ([B, P, D]; the last block runs at ``rows`` alone: ``Llama.run_from``)."""
+    return self._read(lambda pos: self.backbone(tokens_BxL, mask_BxL, pos), mask_BxL, rows)
 
-  def from_features(self, x_BxLxD: jax.Array, mask_BxL: jax.Array, layer: int, rows_BxP=None
-                    ) -> tuple[jax.Array, jax.Array]:
+  def from_features(self, x_BxLxD: jax.Array, mask_BxL: jax.Array, layer: int,
+                    rows: ReadRows | None = None) -> tuple[jax.Array, jax.Array]:
     """Same outputs from cached ``backbone.features(tokens, mask, layer)`` (the loss lab)."""
-    rows = _and_last(mask_BxL, rows_BxP)
     if layer == self.backbone.cfg.num_layers:  # the cache holds the final-norm output
-      h = x_BxLxD if rows is None else gather_rows(x_BxLxD, rows)
+      run = lambda pos: x_BxLxD if pos is None else gather_rows(x_BxLxD, pos)
     else:
-      h = self.backbone.run_from(x_BxLxD, mask_BxL, layer, rows)
-    return self._outputs(h, mask_BxL, rows_BxP)
+      run = lambda pos: self.backbone.run_from(x_BxLxD, mask_BxL, layer, pos)
+    return self._read(run, mask_BxL, rows)
 
   def score(self, h_BxLxD: jax.Array, mask_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(reward_B, h_BxLxD)`` from last-layer hidden states: the head at the last real token."""
@@ -52,15 +50,11 @@ class RewardModel(nnx.Module):
     h_last_BxD = gather_rows(h_BxLxD, last_token_index(mask_BxL)[:, None])[:, 0]
     return self.head(h_last_BxD)[:, 0], h_BxLxD
 
-  def _outputs(self, h, mask_BxL, rows_BxP):
-    if rows_BxP is None:
-      return self.score(h, mask_BxL)
-    h_BxPxD = h.astype(jnp.float32)  # the rows, then the last token (see _and_last)
-    return self.head(h_BxPxD[:, -1])[:, 0], h_BxPxD[:, :-1]
-
-
-def _and_last(mask_BxL, rows_BxP):
-  """The rows to compute: the requested ones and the last real token (the reward's)."""
-  if rows_BxP is None:
-    return None
-  return jnp.concatenate([rows_BxP, last_token_index(mask_BxL)[:, None]], axis=1)
+  def _read(self, run, mask_BxL, rows: ReadRows | None):
+    """``run(positions)``: last-layer states at those positions (every one when None)."""
+    if rows is None:
+      return self.score(run(None), mask_BxL)
+    p = rows.states_BxP.shape[1]
+    h_BxQxD = run(jnp.concatenate([rows.states_BxP, rows.reward_B[:, None]], axis=1))
+    h_BxQxD = h_BxQxD.astype(jnp.float32)
+    return self.head(h_BxQxD[:, p])[:, 0], h_BxQxD[:, :p]
