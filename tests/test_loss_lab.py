@@ -52,8 +52,8 @@ def test_features_give_the_full_models_loss_and_gradients(cached):
     full_loss, full_grads = loss_and_grads(model, tokens, 0)
     lab_loss, lab_grads = loss_and_grads(lab_model, feats, 1)
   assert lab.train.trainable_top_layers == 1
-  np.testing.assert_allclose(lab_loss, full_loss, rtol=1e-6)
-  assert_tree_close(lab_grads, full_grads, rtol=1e-4)
+  np.testing.assert_allclose(lab_loss, full_loss, rtol=1e-5)
+  assert_tree_close(lab_grads, full_grads, rtol=1e-4)  # float32 rounding, not a dropped term
 
 
 def test_lab_run_fits_its_training_pairs_and_reports_metrics(cached, tmp_path):

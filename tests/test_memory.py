@@ -40,7 +40,7 @@ def test_remat_policies_and_scan_match_the_plain_loop(mesh1, variants):
     results[remat, scan] = loss_and_grads(config, mesh1)
   loss0, grads0 = results.pop(("none", False))
   for loss, grads in results.values():
-    np.testing.assert_allclose(loss, loss0, rtol=1e-6)
+    np.testing.assert_allclose(loss, loss0, rtol=1e-5)
     assert_tree_close(grads, grads0, rtol=1e-4)  # recomputation reorders sums
 
 

@@ -30,7 +30,7 @@ def test_eight_device_mesh_matches_one_device(variant):
   np.testing.assert_allclose(l8, l1, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(m8["contrastive_loss"], m1["contrastive_loss"], rtol=1e-5)
   assert len(jax.tree.leaves(g1)) > 10
-  assert_tree_close(g8, g1, rtol=1e-4)
+  assert_tree_close(g8, g1, rtol=1e-4)  # sums split over devices
 
 
 def test_make_mesh_fills_minus_one_and_rejects_bad_shapes():
