@@ -134,14 +134,29 @@ def compiled(config, mesh: jax.sharding.Mesh):
   """XLA's ``memory_analysis()`` of ``rmjax.train``'s step for ``config`` on ``mesh`` (real
   devices), compiled as the trainer compiles it (sharded, state donated); nothing is allocated.
   Per device: arguments = state + batch, outputs = state (+ metrics), temp = everything else."""
+  return compile_step(config, mesh).memory_analysis()
+
+
+def abstract_batch(config, mesh: jax.sharding.Mesh) -> dict:
+  """The trainer's global batch (``train.batch_size`` pairs x ``data.max_len``) as sharded
+  ``ShapeDtypeStruct``s."""
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  b, l = config.train.batch_size, config.data.max_len
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape), rules))
+  batch = {k: spec((b, 2, l), np.int32) for k in ("tokens", "mask", "response")}
+  batch["margin"] = spec((b,), np.float32)
+  return batch
+
+
+def compile_step(config, mesh: jax.sharding.Mesh):
+  """``rmjax.train.jit_train_step`` for ``config``, lowered on abstract state and batch and
+  compiled for ``mesh``; its devices need not exist here (TPU topologies: ``rmjax.aot``)."""
   from rmjax import train  # train imports the data pipeline: only when compiling
   rules = tuple(tuple(r) for r in config.mesh.rules)
   with sharding.use_mesh(mesh, rules):
     graphdef, abstract = train_state.abstract_state(config, mesh)
-    b, l = config.train.batch_size, config.data.max_len
-    spec = lambda shape, dtype: jax.ShapeDtypeStruct(
-        shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape), rules))
-    batch = {k: spec((b, 2, l), np.int32) for k in ("tokens", "mask", "response")}
-    batch["margin"] = spec((b,), np.float32)
-    step = train.jit_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, abstract))
-    return step.lower(abstract, batch).compile().memory_analysis()
+  # built outside the mesh: the step's PRNG key is made eagerly, on this host's device
+  step = train.jit_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, abstract))
+  with sharding.use_mesh(mesh, rules):
+    return step.lower(abstract, abstract_batch(config, mesh)).compile()
