@@ -148,3 +148,25 @@ def test_mesh_that_does_not_divide_the_chips():
     aot.mesh_for(tiny((3, -1, 1)), devices, 1)
   with pytest.raises(ValueError, match="needs 8 devices, have 4"):
     aot.mesh_for(tiny((2, 4, 1)), devices, 1)
+
+
+@needs_libtpu
+def test_search_bisects_per_remat_policy(monkeypatch):
+  """--search's bisection, with a stand-in for the compile: the largest batch per policy."""
+  limit = {"none": 6, "dots_saveable": 6, "full": 20}  # pairs per chip that fit
+  tried = []
+
+  def analyse(config, topology, num_slices):
+    per_chip = config.train.batch_size // 4
+    tried.append((config.model.remat, per_chip))
+    return {"fits": per_chip <= limit[config.model.remat], "compile_s": 0.0}
+
+  monkeypatch.setattr(aot, "analyse", analyse)
+  config = tiny((1, 4, 1))
+  with config.unlocked():
+    config.train.batch_size = 32  # 8 pairs per chip: too many without full remat
+  out = aot.search(config, "v5e:2x2")
+  assert out["max_batch_per_chip"] == limit and out["batch_shards"] == 4
+  assert out["cheapest_remat"] == "full" and out["max_batch_per_chip_cheapest"] == 20
+  assert len(tried) == len(set(tried)) <= 16
+  assert "no remat policy fits" not in aot.search_table(out)
