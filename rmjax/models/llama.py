@@ -120,7 +120,8 @@ def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
 
 def rope(x_BxLxNxH: jax.Array, pos_BxL: jax.Array, inv_freq: np.ndarray) -> jax.Array:
   """Rotary embedding, rotate-half layout (as Hugging Face Llama)."""
-  ang_BxLxH = jnp.concatenate([pos_BxL[..., None] * inv_freq[None, None, :]] * 2, axis=-1)[:, :, None, :]
+  ang_BxLxH = jnp.concatenate([pos_BxL[..., None] * inv_freq[None, None, :]] * 2,
+                              axis=-1)[:, :, None, :]
   x = x_BxLxNxH.astype(jnp.float32)
   x1, x2 = jnp.split(x, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
