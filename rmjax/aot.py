@@ -24,6 +24,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from rmjax import hlo as hlo_lib
+
 GiB = 2 ** 30
 
 
@@ -100,112 +102,6 @@ def mesh_for(config, devices, num_slices: int):
                      "set --config.mesh.shape, and --config.mesh.dcn_shape for slices)") from e
 
 
-# --- collectives of the optimised HLO ---
-
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
-                "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-_COMP = re.compile(r"^(?:ENTRY )?%(\S+) \(.*\) -> .*\{$")
-_OP = re.compile(r"^\s*(?:ROOT )?%\S+ = (.*?) (" + "|".join(KINDS) + r")(-start)?\(")
-_CALLS = re.compile(r"\b(calls|body|condition|branch_computations|called_computations)="
-                    r"(\{[^}]*\}|%[\w.-]+)")
-
-
-def _bytes(types: str) -> int:
-  return sum(_DTYPE_BYTES.get(t, 4) * math.prod(int(d) for d in dims.split(",") if d)
-             for t, dims in re.findall(r"\b([a-z]+\d*(?:e\d+m\d+fn)?)\[([\d,]*)\]", types))
-
-
-def _group_size(line: str) -> int:
-  if m := re.search(r"replica_groups=\{\{([\d,]+)\}", line):
-    return len(m.group(1).split(","))
-  if m := re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", line):
-    sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
-    return math.prod(int(sizes[a]) for a in re.findall(r"'(\w+)'", m.group(2)))
-  if m := re.search(r"replica_groups=\[(\d+),(\d+)\]<=", line):
-    return int(m.group(2))
-  return 2
-
-
-def _multipliers(comps: dict[str, list[str]], entry: str) -> dict[str, int]:
-  """How many times each computation runs per step (while bodies: their known trip count)."""
-  mult: dict[str, int] = {}
-
-  def visit(name: str, times: int):
-    mult[name] = mult.get(name, 0) + times
-    for line in comps.get(name, ()):
-      trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-      for key, callees in _CALLS.findall(line):
-        n = int(trip.group(1)) if trip and key in ("body", "condition") else 1
-        for callee in re.findall(r"%([\w.-]+)", callees):
-          visit(callee, times * n)
-
-  visit(entry, 1)
-  return mult
-
-
-def entry_parameters(hlo: str) -> list[tuple[str, tuple[int, ...], int, int]]:
-  """(dtype, per-chip shape, bytes, bytes padded to the layout's first tile) of each argument of
-  the compiled program (its ENTRY parameters); the padded sum is XLA's argument bytes."""
-  out = []
-  for line in hlo.split("\nENTRY", 1)[1].splitlines():
-    m = re.match(r"\s*%\S+ = (\w+)\[([\d,]*)\]\{([\d,]*):?([^}]*)\} parameter\(", line)
-    if m is None:
-      continue
-    dtype, dims = m.group(1), tuple(int(d) for d in m.group(2).split(",") if d)
-    size = _DTYPE_BYTES[dtype]
-    padded = [dims[int(i)] for i in reversed(m.group(3).split(",")) if i]  # major to minor
-    if tile := re.search(r"T\(([\d,]+)\)", m.group(4)):
-      t = [int(x) for x in tile.group(1).split(",")]
-      padded = [1] * (len(t) - len(padded)) + padded
-      for j, tj in enumerate(t, start=len(padded) - len(t)):
-        padded[j] = -(-padded[j] // tj) * tj
-    out.append((dtype, dims, math.prod(dims) * size, math.prod(padded) * size))
-  return out
-
-
-def collectives(hlo: str, num_slices: int, chip: Chip) -> list[dict]:
-  """Per (kind, network): count, bytes (full buffers, per chip, per step), the bytes a chip moves
-  on a ring and their time at ``chip``'s ICI (all links, one direction) or DCN bandwidth.
-  Multi-slice programs are per slice: their cross-slice collectives are megascale transfers."""
-  comps, name, entry = {}, None, None
-  for line in hlo.splitlines():
-    if m := _COMP.match(line):
-      name = m.group(1)
-      comps[name] = []
-      entry = name if line.startswith("ENTRY") else entry
-    elif name is not None:
-      comps[name].append(line)
-  mult = _multipliers(comps, entry)
-  rows: dict[tuple[str, str], dict] = {}
-  for comp, lines in comps.items():
-    for line in lines:
-      if m := _OP.match(line):
-        kind, size, group = m.group(2), _bytes(m.group(1)), _group_size(line)
-        if m.group(3):  # async start: (operands, results)
-          size //= 2
-        if kind == "all-reduce" and comp.startswith("all-reduce-scatter"):
-          kind = "reduce-scatter"  # XLA:TPU's fused all-reduce + slice
-        network = "ici"
-      elif m := re.search(r'send\(.*_xla_megascale_transfer_type="(\w+)"', line):
-        kind = m.group(1).lower().replace("_", "-")
-        first = re.search(r"= \((\w+\[[\d,]*\])", line).group(1)  # the sent array: (data, u32, token)
-        size, group, network = _bytes(first), num_slices, "dcn"
-      else:
-        continue
-      ring = {"all-reduce": 2 * (group - 1) / group, "collective-permute": 1.0}.get(
-          kind, (group - 1) / group)
-      row = rows.setdefault((kind, network), {"kind": kind, "network": network, "count": 0,
-                                              "bytes": 0, "moved_bytes": 0.0})
-      times = mult.get(comp, 0)
-      row["count"] += times
-      row["bytes"] += times * size
-      row["moved_bytes"] += times * size * ring
-  for row in rows.values():
-    row["est_s"] = row["moved_bytes"] / (chip.dcn_bw if row["network"] == "dcn" else chip.ici_bw / 2)
-  return sorted(rows.values(), key=lambda r: (r["network"], r["kind"]))
-
-
 def model_flops_per_token(cfg, seq_len: int) -> float:
   """Training FLOPs per token of the dense model (6 x matmul weights + 12 x layers x attention
   width x sequence, as PaLM's MFU); embeddings excluded, the sparse last block not credited."""
@@ -248,8 +144,10 @@ def analyse(config, topology: str, num_slices: int = 1) -> dict:
   used = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
           + stats.temp_size_in_bytes + stats.generated_code_size_in_bytes)
   hlo = compiled.as_text()
-  colls = collectives(hlo, num_slices, chip)
-  params = entry_parameters(hlo)
+  colls = hlo_lib.collectives(hlo, num_slices)
+  for row in colls:  # at the chip's ICI (all links, one direction) or DCN bandwidth
+    row["est_s"] = row["moved_bytes"] / (chip.dcn_bw if row["network"] == "dcn" else chip.ici_bw / 2)
+  params = hlo_lib.entry_parameters(hlo)
   flops, bytes_accessed = float(cost.get("flops", 0)), float(cost.get("bytes accessed", 0))
   tokens = config.train.batch_size * 2 * config.data.max_len
   model_flops = tokens * model_flops_per_token(train_state.model_config(config), config.data.max_len)

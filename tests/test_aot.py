@@ -13,7 +13,7 @@ import jax
 import pytest
 
 from configs import synthetic
-from rmjax import aot, memory, sharding, train_state
+from rmjax import aot, hlo, memory, sharding, train_state
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason=f"libtpu not installed: {aot.INSTALL}")
@@ -67,7 +67,7 @@ ENTRY %main (a: f32[16,8], b: s32[]) -> f32[8] {
 
 
 def test_collectives_from_hlo():
-  rows = {(r["kind"], r["network"]): r for r in aot.collectives(HLO, 2, aot.CHIPS["v5e"])}
+  rows = {(r["kind"], r["network"]): r for r in hlo.collectives(HLO, 2)}
   assert set(rows) == {("all-gather", "ici"), ("reduce-scatter", "ici"), ("all-reduce", "ici"),
                        ("all-reduce", "dcn")}
   ag = rows["all-gather", "ici"]  # in a while body of 3 trips, group of 4
@@ -76,7 +76,7 @@ def test_collectives_from_hlo():
   assert rows["all-reduce", "ici"]["moved_bytes"] == (16 + 4) * 2 * 3 / 4
   dcn = rows["all-reduce", "dcn"]
   assert (dcn["count"], dcn["bytes"], dcn["moved_bytes"]) == (1, 160, 160)
-  assert aot.entry_parameters(HLO) == [("f32", (16, 8), 512, 16 * 128 * 4), ("s32", (), 4, 512)]
+  assert hlo.entry_parameters(HLO) == [("f32", (16, 8), 512, 16 * 128 * 4), ("s32", (), 4, 512)]
 
 
 def per_chip_shapes(config, mesh):
@@ -97,10 +97,10 @@ def test_v5e_2x2_arguments_exact():
   assert out["num_chips"] == 4 and out["fits"] and out["mesh_shape"] == [2, 2, 1]
   _, _, devices = aot.topology_devices("v5e:2x2")
   mesh, _ = aot.mesh_for(config, devices, 1)
-  hlo = memory.compile_step(config, mesh).as_text()
+  text = memory.compile_step(config, mesh).as_text()
   names = {"float32": "f32", "int32": "s32", "uint32": "u32"}
   expected = [(names[d], s) for d, s in per_chip_shapes(config, mesh)]
-  params = aot.entry_parameters(hlo)
+  params = hlo.entry_parameters(text)
   assert sorted((d, s) for d, s, _, _ in params) == expected  # nothing replicated by accident
   assert sum(p[3] for p in params) == out["argument_bytes"]  # XLA's figure: tile-padded
   assert out["argument_unpadded_bytes"] == sum(p[2] for p in params)
