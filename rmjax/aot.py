@@ -322,30 +322,40 @@ def summary(out: dict) -> dict:
   return {**{k: out.get(k) for k in REPORT_KEYS}, **out}
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file [:arg].",
-                                          lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology: v5e:2x2, v5p:4x4x4, v6e:16x16, "
-                                "or an accelerator type: v5p-128, v5litepod-256, v6e-256.")
-_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of the topology (multi-slice over DCN).")
-_SEARCH = flags.DEFINE_bool("search", False, "Find the largest per-chip batch that fits for each "
-                            "remat policy, and the cheapest policy that fits the configured batch "
-                            "(binary search over compiles).")
-_MAX_BATCH = flags.DEFINE_integer("max_batch_per_chip", 1024, "--search: largest per-chip "
-                                  "batch (pairs) tried.")
+def _define_flags() -> dict:
+  """The command line's flags, defined only when run as ``python -m rmjax.aot``: importing this
+  module (tests, other tools) must not claim ``--config`` next to ``rmjax.main``'s."""
+  return {
+      "config": config_flags.DEFINE_config_file("config", None, "Path to a config file [:arg].",
+                                                lock_config=True),
+      "topology": flags.DEFINE_string(
+          "topology", None, "TPU topology: v5e:2x2, v5p:4x4x4, v6e:16x16, or an accelerator "
+          "type: v5p-128, v5litepod-256, v6e-256."),
+      "num_slices": flags.DEFINE_integer("num_slices", 1,
+                                         "Slices of the topology (multi-slice over DCN)."),
+      "search": flags.DEFINE_bool(
+          "search", False, "Find the largest per-chip batch that fits for each remat policy, and "
+          "the cheapest policy that fits the configured batch (binary search over compiles)."),
+      "max_batch": flags.DEFINE_integer("max_batch_per_chip", 1024,
+                                        "--search: largest per-chip batch (pairs) tried."),
+  }
+
+
+_FLAGS: dict = {}
 
 
 def main(argv):
   del argv
   import logging
   logging.getLogger("jax").setLevel(logging.ERROR)
-  config = _CONFIG.value
+  config, topology, num_slices = (_FLAGS[k].value for k in ("config", "topology", "num_slices"))
   try:
-    if _SEARCH.value:
-      out = search(config, _TOPOLOGY.value, _NUM_SLICES.value, _MAX_BATCH.value, log=print)
+    if _FLAGS["search"].value:
+      out = search(config, topology, num_slices, _FLAGS["max_batch"].value, log=print)
       print(search_table(out))
       print(json.dumps(out))
       return
-    out = analyse(config, _TOPOLOGY.value, _NUM_SLICES.value)
+    out = analyse(config, topology, num_slices)
   except (ValueError, RuntimeError) as e:
     raise app.UsageError(str(e)) from None
   print(report(config, out))
@@ -353,5 +363,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _FLAGS.update(_define_flags())
   flags.mark_flags_as_required(["config", "topology"])
   app.run(main)
