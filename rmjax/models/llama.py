@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax.core import spmd as flax_spmd
+from jax.sharding import PartitionSpec as P
 
 from rmjax.indexing import gather_rows
 
@@ -243,6 +244,17 @@ def positions_and_mask(mask_BxL: jax.Array, sliding_window: int = 0
   return pos_BxL, allowed_LxL[None] & mask_BxL[:, None, :]
 
 
+def _batch_sharded(x: jax.Array) -> jax.Array:
+  """``x`` constrained to the batch sharding of the active logical rules (leading dimension:
+  logical ``batch``); unchanged without a mesh or a ``batch`` rule."""
+  if jax.sharding.get_abstract_mesh().empty:
+    return x
+  spec = flax_spmd.apply_rules(P("batch", *(None,) * (x.ndim - 1)), None)
+  if spec[0] == "batch":  # no rule for it
+    return x
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
 class Llama(nnx.Module):
   """Decoder backbone: tokens -> final-norm hidden states ``h_BxLxD`` (the 'last layer')."""
 
@@ -282,7 +294,14 @@ class Llama(nnx.Module):
       return x_BxLxD
     graphdef, first = nnx.split(blocks[0])
     stacked = jax.tree.map(lambda *ws: jnp.stack(ws), first, *(nnx.state(b) for b in blocks[1:]))
-    body = lambda x, state: (nnx.merge(graphdef, state)(x, pos_BxL, mask_BxLxL), None)
+
+    def body(x_BxLxD, state):
+      # Nothing else pins the activations inside the loop: without this, XLA's partitioner keeps
+      # the FSDP-sharded weights in place and shards the activations on D instead, so every chip
+      # holds the whole batch's [B, L, F] MLP activations and all-reduces them.
+      x_BxLxD = _batch_sharded(x_BxLxD)
+      return _batch_sharded(nnx.merge(graphdef, state)(x_BxLxD, pos_BxL, mask_BxLxL)), None
+
     return jax.lax.scan(body, x_BxLxD, stacked)[0]
 
   def features(self, tokens_BxL: jax.Array, mask_BxL: jax.Array, layer: int) -> jax.Array:
