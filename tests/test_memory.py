@@ -7,7 +7,7 @@
   not compared with XLA:CPU's temp bytes: XLA:CPU ignores rematerialisation (a plain
   ``jax.checkpoint`` MLP reports the same temp bytes as without it) and keeps extra L x L
   buffers, so its temp size is not what a GPU/TPU compile allocates. ``scripts/check_gpu.py``
-  compares it with XLA:GPU's on a GPU (README, Memory levers and planning).
+  compares it with XLA:GPU's on a GPU (docs/scale.md, Memory levers and planning).
 """
 import json
 import os
