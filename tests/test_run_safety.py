@@ -128,7 +128,9 @@ def test_metrics_after_a_crash_and_resume_hold_each_step_once(tmp_path):
   assert [l["step"] for l in lines if "eval/auroc" in l] == [4, 6]
   assert all(l.get("train/loss") != 123.0 for l in lines)
   # the resumed writer hides TensorBoard's events after step 4 (4's are in the checkpoint)
-  assert tensorboard_purges(tmp_path / "tb") == [1, 5]
+  # (two runs within one second may share one event file name, so the first run's may be gone)
+  purges = tensorboard_purges(tmp_path / "tb")
+  assert 5 in purges and set(purges) <= {1, 5}, purges
 
 
 def test_evaluate_a_run_initialised_from_a_pretrained_model(tmp_path):
