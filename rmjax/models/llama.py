@@ -226,22 +226,36 @@ def _jitted_init(factory, cfg: LlamaConfig, rules, mesh):
   return nnx.jit(lambda rngs: factory(cfg, rngs=rngs))
 
 
-def positions_and_mask(mask_BxL: jax.Array, sliding_window: int = 0
-                       ) -> tuple[jax.Array, jax.Array]:
-  """RoPE positions counted over real tokens only, and the causal + padding attention mask.
+def positions_and_mask(mask_BxL: jax.Array, sliding_window: int = 0,
+                       parts_BxL: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """RoPE positions and the attention mask of a batch's rows.
 
-  Counting positions over real tokens makes a left-padded sequence see exactly the positions of
-  its right-padded twin. Pad queries attend to nothing real; their outputs are never read.
-  With ``sliding_window`` > 0 a query sees only keys less than that many tokens back (Mistral).
+  ``mask_BxL``: 0 on padding, else the token's segment id (1 for every real token of an ordinary
+  row; a packed row numbers its sequences 1, 2, ...). ``parts_BxL`` (optional): 0 on what a
+  segment shares (a prompt), ``k > 0`` on its part ``k`` (a response). A token attends to the
+  earlier tokens of its segment that are shared or of its own part, so two responses written
+  after one prompt never see each other.
+
+  A token's position is the number of tokens it attends to, minus one: real tokens counted from
+  the start of their segment, a response continuing from its prompt's end, a left-padded row
+  seeing its right-padded twin's positions. A pad query attends to itself only (its output is
+  never read). With ``sliding_window`` > 0 a query sees only keys less than that many positions
+  back (Mistral).
   """
-  mask_BxL = mask_BxL.astype(bool)
-  pos_BxL = jnp.maximum(jnp.cumsum(mask_BxL, axis=1) - 1, 0).astype(jnp.float32)
-  l = mask_BxL.shape[1]
+  seg_BxL = mask_BxL.astype(jnp.int32)
+  l = seg_BxL.shape[1]
   idx = jnp.arange(l)
-  allowed_LxL = idx[:, None] >= idx[None, :]
+  causal_LxL = idx[:, None] >= idx[None, :]
+  allowed_BxLxL = (causal_LxL[None] & (seg_BxL[:, :, None] == seg_BxL[:, None, :])
+                   & (seg_BxL[:, None, :] != 0))
+  if parts_BxL is not None:
+    allowed_BxLxL &= ((parts_BxL[:, None, :] == 0)
+                      | (parts_BxL[:, None, :] == parts_BxL[:, :, None]))
+  pos_BxL = jnp.maximum(allowed_BxLxL.sum(axis=-1) - 1, 0).astype(jnp.float32)
   if sliding_window:
-    allowed_LxL &= idx[:, None] - idx[None, :] < sliding_window
-  return pos_BxL, allowed_LxL[None] & mask_BxL[:, None, :]
+    allowed_BxLxL &= pos_BxL[:, :, None] - pos_BxL[:, None, :] < sliding_window
+  allowed_BxLxL |= (seg_BxL == 0)[:, :, None] & jnp.eye(l, dtype=bool)[None]
+  return pos_BxL, allowed_BxLxL
 
 
 def _batch_sharded(x: jax.Array) -> jax.Array:
@@ -268,18 +282,20 @@ class Llama(nnx.Module):
     self.layers = nnx.List([jitted_init(Block, cfg)(rngs) for _ in range(cfg.num_layers)])
     self.final_norm = _rmsnorm(cfg, rngs)
 
-  def __call__(self, tokens_BxL: jax.Array, mask_BxL: jax.Array, rows_BxP=None) -> jax.Array:
-    return self.run_from(self.embed(tokens_BxL), mask_BxL, 0, rows_BxP)
+  def __call__(self, tokens_BxL: jax.Array, mask_BxL: jax.Array, rows_BxP=None, *,
+               parts_BxL=None) -> jax.Array:
+    """Final-norm states; ``mask`` and ``parts`` as in ``positions_and_mask``."""
+    return self.run_from(self.embed(tokens_BxL), mask_BxL, 0, rows_BxP, parts_BxL=parts_BxL)
 
-  def run_from(self, x_BxLxD: jax.Array, mask_BxL: jax.Array, layer: int, rows_BxP=None
-               ) -> jax.Array:
+  def run_from(self, x_BxLxD: jax.Array, mask_BxL: jax.Array, layer: int, rows_BxP=None, *,
+               parts_BxL=None) -> jax.Array:
     """Blocks ``layer``.. and the final norm, on ``x`` = the hidden states entering ``layer``.
 
     ``rows``: return only the states at these positions, [B, P, D]. The last block then computes
     its queries, MLP and norm at those rows alone (its keys and values still read every
     position) — all a loss that reads a few states needs, and the same numbers.
     """
-    pos_BxL, mask_BxLxL = positions_and_mask(mask_BxL, self.cfg.sliding_window)
+    pos_BxL, mask_BxLxL = positions_and_mask(mask_BxL, self.cfg.sliding_window, parts_BxL)
     blocks = list(self.layers[layer:])
     last = blocks.pop() if rows_BxP is not None else None
     x_BxLxD = self._blocks(blocks, x_BxLxD, pos_BxL, mask_BxLxL)
@@ -304,10 +320,11 @@ class Llama(nnx.Module):
 
     return jax.lax.scan(body, x_BxLxD, stacked)[0]
 
-  def features(self, tokens_BxL: jax.Array, mask_BxL: jax.Array, layer: int) -> jax.Array:
+  def features(self, tokens_BxL: jax.Array, mask_BxL: jax.Array, layer: int, *,
+               parts_BxL=None) -> jax.Array:
     """The hidden states entering block ``layer``; ``layer = num_layers``: the final-norm output
     (the last layer). ``run_from(features(t, m, k), m, k)`` equals ``self(t, m)``."""
     if layer == self.cfg.num_layers:
-      return self(tokens_BxL, mask_BxL)
-    pos_BxL, mask_BxLxL = positions_and_mask(mask_BxL, self.cfg.sliding_window)
+      return self(tokens_BxL, mask_BxL, parts_BxL=parts_BxL)
+    pos_BxL, mask_BxLxL = positions_and_mask(mask_BxL, self.cfg.sliding_window, parts_BxL)
     return self._blocks(list(self.layers[:layer]), self.embed(tokens_BxL), pos_BxL, mask_BxLxL)
