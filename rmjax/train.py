@@ -234,10 +234,11 @@ def train(config, workdir: str) -> dict[str, float]:
 
     def check_finite(done, skipped_in_a_row):
       """Stops before a checkpoint once too many updates in a row were skipped (non-finite)."""
-      if int(skipped_in_a_row) >= limit:
+      skipped_in_a_row = int(jax.device_get(skipped_in_a_row))  # explicit: no implicit transfer
+      if skipped_in_a_row >= limit:
         ckpt.wait()  # the last good checkpoint is complete
         raise FloatingPointError(
-            f"step {done}: {int(skipped_in_a_row)} non-finite gradients in a row (updates "
+            f"step {done}: {skipped_in_a_row} non-finite gradients in a row (updates "
             f"skipped), optim.max_consecutive_nonfinite={limit}: training stopped; newest "
             f"checkpoint: step {ckpt.manager.latest_step()}")
 

@@ -300,3 +300,23 @@ def test_create_state_follows_the_active_logical_rules():
     gate = state["model"]["backbone"]["layers"][0]["mlp"]["gate"]["kernel"][...]
     want = jax.sharding.NamedSharding(mesh, sharding.logical_spec(("embed", "mlp"), rules))
     assert gate.sharding.is_equivalent_to(want, 2), (rules, gate.sharding.spec)
+
+
+def test_training_loop_makes_no_implicit_transfer(tmp_path, monkeypatch):
+  """Inside the loop (steps, logging, evaluation, checkpoints) every transfer is explicit
+  (``host_to_global`` in, one ``device_get`` of the metrics per logging step out). Set-up may
+  move constants freely. On CPU JAX guards only host-to-device transfers, so that is what this
+  catches here; on accelerators the same guard also catches implicit reads."""
+  def allowed(f):
+    def run(*args, **kwargs):
+      with jax.transfer_guard("allow"):
+        return f(*args, **kwargs)
+    return run
+  for name in ("create_state", "abstract_state", "jit_train_step", "make_eval_step",
+               "distinct_solutions"):
+    monkeypatch.setattr(train, name, allowed(getattr(train, name)))
+  config = tiny_config("paper")
+  config.train.update(steps=4, log_every=2, eval_every=4, ckpt_every=4)
+  with jax.transfer_guard("disallow"):
+    final = train.train(config, str(tmp_path))
+  assert np.isfinite(final["pairwise_accuracy"])
