@@ -117,8 +117,9 @@ def _oom_bytes(message: str) -> int | None:
   return int(float(m.group(1)) * 1024 ** "_KMGT".index(m.group(2) or "_"))
 
 
-def analyse(config, topology: str, num_slices: int = 1) -> dict:
-  """Compiles the step for ``topology`` and returns the report's figures (``REPORT_KEYS``)."""
+def analyse(config, topology: str, num_slices: int = 1, hlo_out: str | None = None) -> dict:
+  """Compiles the step for ``topology`` and returns the report's figures (``REPORT_KEYS``);
+  ``hlo_out``: also write the optimised HLO text there (to re-read its collectives later)."""
   from rmjax import memory, train_state
   chip, topo, devices = topology_devices(topology, num_slices)
   mesh, dcn = mesh_for(config, devices, num_slices)
@@ -144,6 +145,9 @@ def analyse(config, topology: str, num_slices: int = 1) -> dict:
   used = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
           + stats.temp_size_in_bytes + stats.generated_code_size_in_bytes)
   hlo = compiled.as_text()
+  if hlo_out:
+    with open(hlo_out, "w") as f:
+      f.write(hlo)
   colls = hlo_lib.collectives(hlo, num_slices)
   for row in colls:  # at the chip's ICI (all links, one direction) or DCN bandwidth
     row["est_s"] = row["moved_bytes"] / (chip.dcn_bw if row["network"] == "dcn" else chip.ici_bw / 2)
@@ -336,6 +340,8 @@ def _define_flags() -> dict:
       "search": flags.DEFINE_bool(
           "search", False, "Find the largest per-chip batch that fits for each remat policy, and "
           "the cheapest policy that fits the configured batch (binary search over compiles)."),
+      "hlo_out": flags.DEFINE_string("hlo_out", None,
+                                     "Also write the compiled step's optimised HLO text here."),
       "max_batch": flags.DEFINE_integer("max_batch_per_chip", 1024,
                                         "--search: largest per-chip batch (pairs) tried."),
   }
@@ -355,7 +361,7 @@ def main(argv):
       print(search_table(out))
       print(json.dumps(out))
       return
-    out = analyse(config, topology, num_slices)
+    out = analyse(config, topology, num_slices, _FLAGS["hlo_out"].value)
   except (ValueError, RuntimeError) as e:
     raise app.UsageError(str(e)) from None
   print(report(config, out))
