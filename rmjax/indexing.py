@@ -11,13 +11,15 @@ import jax.numpy as jnp
 
 class ReadRows(NamedTuple):
   """The positions a loss reads (a pytree): the model's last block runs at these alone."""
-  states_BxP: jax.Array  # the hidden states it returns
-  reward_B: jax.Array  # where the head reads the reward: the last real token
+  states_BxP: jax.Array | None  # the hidden states it returns (None: every state, dense)
+  # where the head reads rewards: each sequence's last real token (R = 1; a shared-prompt row
+  # holds two sequences, R = 2)
+  reward_BxR: jax.Array
 
   @classmethod
-  def at(cls, states_BxP: jax.Array, mask_BxL: jax.Array) -> "ReadRows":
-    """``states`` and the reward's row of each sequence of ``mask``."""
-    return cls(states_BxP, last_token_index(mask_BxL))
+  def at(cls, states_BxP: jax.Array | None, mask_BxL: jax.Array) -> "ReadRows":
+    """``states`` and the reward's row of each sequence of ``mask`` (R = 1)."""
+    return cls(states_BxP, last_token_index(mask_BxL)[:, None])
 
 
 def gather_rows(x_BxLxD: jax.Array, rows_BxP: jax.Array) -> jax.Array:

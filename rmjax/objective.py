@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rmjax import losses
-from rmjax.indexing import ReadRows
+from rmjax.indexing import ReadRows, gather_rows, last_token_index
 
 Term = tuple[str, float, Callable]
 
@@ -74,26 +74,55 @@ def forward_pairs(model, batch, start_layer: int = 0, states_Bx2xP=None) -> loss
   entering block ``start_layer``); the rest of the model runs on them (``tokens`` then only say
   which states are negatives and which sequences are copies: ``pair_identity``). ``states``:
   compute (and return as ``h``) only the states at these positions of each sequence
-  (``ReadRows``), and the reward.
+  (``ReadRows``), and the reward. A batch with ``shared_tokens`` (``data.layout=
+  'shared_prompt'``) runs one row per pair instead: ``forward_shared``; the outputs are the same.
   """
   b, _, l = batch["mask"].shape
-  mask_2BxL = batch["mask"].reshape(2 * b, l)
-  rows = None if states_Bx2xP is None else ReadRows.at(
-      states_Bx2xP.reshape(2 * b, states_Bx2xP.shape[-1]), mask_2BxL)
-  if "features" in batch:
-    reward_2B, h_2BxLxD = model.from_features(
-        batch["features"].reshape(2 * b, l, -1), mask_2BxL, start_layer, rows)
+  if "shared_tokens" in batch:
+    reward_Bx2, h_chosen, h_rejected = forward_shared(model, batch, start_layer, states_Bx2xP)
   else:
-    reward_2B, h_2BxLxD = model(batch["tokens"].reshape(2 * b, l), mask_2BxL, rows)
+    mask_2BxL = batch["mask"].reshape(2 * b, l)
+    rows = None if states_Bx2xP is None else ReadRows.at(
+        states_Bx2xP.reshape(2 * b, states_Bx2xP.shape[-1]), mask_2BxL)
+    if "features" in batch:
+      reward_2B, h_2BxLxD = model.from_features(
+          batch["features"].reshape(2 * b, l, -1), mask_2BxL, start_layer, rows)
+    else:
+      reward_2B, h_2BxLxD = model(batch["tokens"].reshape(2 * b, l), mask_2BxL, rows)
+    reward_Bx2 = reward_2B.reshape(b, 2)
+    h_Bx2xLxD = h_2BxLxD.reshape(b, 2, *h_2BxLxD.shape[1:])
+    h_chosen, h_rejected = h_Bx2xLxD[:, 0], h_Bx2xLxD[:, 1]
   negatives_BxL, chosen_id_Bx2 = pair_identity(batch)
-  reward_Bx2 = reward_2B.reshape(b, 2)
-  h_Bx2xLxD = h_2BxLxD.reshape(b, 2, *h_2BxLxD.shape[1:])
   return losses.PairOutputs(
       reward_chosen_B=reward_Bx2[:, 0], reward_rejected_B=reward_Bx2[:, 1],
-      h_chosen_BxLxD=h_Bx2xLxD[:, 0], h_rejected_BxLxD=h_Bx2xLxD[:, 1],
+      h_chosen_BxLxD=h_chosen, h_rejected_BxLxD=h_rejected,
       mask_chosen_BxL=batch["mask"][:, 0], mask_rejected_BxL=batch["mask"][:, 1],
       response_chosen_BxL=batch["response"][:, 0], response_rejected_BxL=batch["response"][:, 1],
       margin_B=batch["margin"], negatives_BxL=negatives_BxL, chosen_id_Bx2=chosen_id_Bx2)
+
+
+def forward_shared(model, batch, start_layer: int = 0, states_Bx2xP=None):
+  """``(reward_Bx2, h_chosen, h_rejected)`` from one row per pair, ``[shared | chosen rest |
+  rejected rest]`` (``rmjax.data.pipeline.share_prompt``), in the per-sequence coordinates of
+  ``tokens``/``mask`` (``shared_index`` maps them into the row), so the losses sample and read
+  the same states as with one row per sequence. ``states``: as in ``forward_pairs``."""
+  if "features" in batch or start_layer:
+    raise ValueError("data.layout='shared_prompt' runs the model from tokens; cached features "
+                     "(the loss lab) are per sequence: use data.layout='pairs'")
+  b, _, l = batch["mask"].shape
+  index_Bx2xL = batch["shared_index"]
+  last_Bx2 = last_token_index(batch["mask"].reshape(2 * b, l)).reshape(b, 2)
+  reward_rows_Bx2 = jnp.take_along_axis(index_Bx2xL, last_Bx2[..., None], axis=2)[..., 0]
+  run = functools.partial(model, batch["shared_tokens"], batch["shared_mask"],
+                          parts_BxL=batch["shared_parts"])
+  if states_Bx2xP is None:
+    reward_Bx2, h_BxLxD = run(ReadRows(None, reward_rows_Bx2))
+    return reward_Bx2, gather_rows(h_BxLxD, index_Bx2xL[:, 0]), gather_rows(h_BxLxD,
+                                                                           index_Bx2xL[:, 1])
+  p = states_Bx2xP.shape[-1]
+  where_Bx2xP = jnp.take_along_axis(index_Bx2xL, states_Bx2xP, axis=2)
+  reward_Bx2, h_BxQxD = run(ReadRows(where_Bx2xP.reshape(b, 2 * p), reward_rows_Bx2))
+  return reward_Bx2, h_BxQxD[:, :p], h_BxQxD[:, p:]
 
 
 def pair_identity(batch) -> tuple[jax.Array, jax.Array]:

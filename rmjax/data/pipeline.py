@@ -13,6 +13,18 @@ which is kept; a response longer than max_len on its own keeps its first tokens 
 (the EOS the reward reads), as the official code forces EOS. Every cut is counted in
 ``truncated`` and by ``length_report``.
 
+Layouts (``layout``): ``pairs`` (the fields above: the model runs two rows per pair) or
+``shared_prompt``, which adds one row per pair holding the two sequences' common prefix once
+(the prompt, and any response tokens both sides begin with) then the rest of each:
+  shared_tokens int32 [B, S]     [shared | chosen rest | rejected rest | pad]  (right-padded)
+  shared_mask   int32 [B, S]     1 = real token (the segment id, ``llama.positions_and_mask``)
+  shared_parts  int32 [B, S]     0 = shared, 1 = chosen rest, 2 = rejected rest
+  shared_index  int32 [B, 2, L]  the row position of each token of ``tokens`` (0 on pads)
+The model runs on the row (the rejected rest never sees the chosen one; both continue the
+shared positions), and the losses read its states through ``shared_index`` in the pair fields'
+coordinates, which stay as they are: same loss, metrics and gradients, fewer tokens. A row
+holds at most ``2 * max_len`` tokens.
+
 Length bucketing (``buckets``): each training batch is trimmed to the smallest bucket length that
 holds its longest row (over all processes' shares of the global batch, which must agree on a
 shape), so the train step compiles once per bucket (a handful of shapes), and
@@ -30,6 +42,8 @@ from absl import flags
 from jax.experimental import multihost_utils
 
 FIELDS = ("tokens", "mask", "response", "margin", "truncated")
+SHARED_FIELDS = ("shared_tokens", "shared_mask", "shared_parts")  # [B, S]; + shared_index
+LAYOUTS = ("pairs", "shared_prompt")
 
 
 def fit(n_prompt: int, n_response: int, max_len: int, keep: int = 0) -> tuple[int, int]:
@@ -97,10 +111,36 @@ def encode_pair(example: dict, tokenizer, max_len: int, padding_side: str = "rig
           "truncated": np.asarray(truncated, np.int32)}
 
 
+def share_prompt(pair: dict, pad_id: int) -> dict:
+  """One encoded pair (``encode_pair``) plus its shared-prompt row, ``2 * max_len`` long (see
+  the module doc): the common prefix of the two sequences' real tokens is written once."""
+  real_L = pair["mask"].astype(bool)
+  seqs = [pair["tokens"][s][real_L[s]] for s in (0, 1)]
+  n = min(map(len, seqs))
+  differ = np.flatnonzero(seqs[0][:n] != seqs[1][:n])
+  common = int(differ[0]) if differ.size else n
+  row = np.concatenate([seqs[0], seqs[1][common:]])
+  parts = np.repeat([0, 1, 2], [common, len(seqs[0]) - common, len(seqs[1]) - common])
+  index = np.zeros(real_L.shape, np.int32)
+  for s, shift in ((0, 0), (1, len(seqs[0]) - common)):  # token k of side s >= common: shifted
+    k = np.arange(len(seqs[s]))
+    index[s, real_L[s]] = np.where(k < common, k, k + shift)
+  pad = 2 * real_L.shape[1] - len(row)
+  return {**pair, "shared_tokens": np.pad(row, (0, pad), constant_values=pad_id).astype(np.int32),
+          "shared_mask": np.pad(np.ones(len(row), np.int32), (0, pad)),
+          "shared_parts": np.pad(parts, (0, pad)).astype(np.int32), "shared_index": index}
+
+
 def trim(batch: dict, length: int, padding_side: str) -> dict:
-  """The batch with its sequence axis cut to ``length`` (only padding is removed)."""
+  """The batch with its sequence axis cut to ``length`` (only padding is removed); the shared
+  rows (``share_prompt``) keep theirs (``trim_shared``)."""
   cut = slice(None, length) if padding_side == "right" else slice(-length, None)
   return {k: v[..., cut] if v.ndim == 3 else v for k, v in batch.items()}
+
+
+def trim_shared(batch: dict, length: int) -> dict:
+  """The shared rows cut to ``length`` (right-padded: only padding is removed)."""
+  return {k: v[:, :length] if k in SHARED_FIELDS else v for k, v in batch.items()}
 
 
 def process_max(value: int) -> int:
@@ -112,15 +152,21 @@ def process_max(value: int) -> int:
 
 class BucketTrim:
   """A batch -> trimmed to the smallest bucket holding the longest row of every process's batch,
-  so that all processes' shares of a global batch have one shape."""
+  so that all processes' shares of a global batch have one shape. Shared rows (``share_prompt``)
+  are trimmed to the smallest bucket or twice a bucket (``max_len`` included) that holds them."""
 
   def __init__(self, buckets, max_len: int, padding_side: str):
     self.buckets = sorted({b for b in buckets if b < max_len} | {max_len})
+    self.shared_buckets = sorted(set(self.buckets) | {2 * b for b in self.buckets})
     self.padding_side = padding_side
 
   def __call__(self, batch: dict) -> dict:
     longest = process_max(int(batch["mask"].sum(-1).max()))
-    return trim(batch, next(b for b in self.buckets if b >= longest), self.padding_side)
+    batch = trim(batch, next(b for b in self.buckets if b >= longest), self.padding_side)
+    if "shared_mask" in batch:
+      longest = process_max(int(batch["shared_mask"].astype(bool).sum(-1).max()))
+      batch = trim_shared(batch, next(b for b in self.shared_buckets if b >= longest))
+    return batch
 
 
 class Batcher(grain.experimental.FlatMapTransform):
@@ -133,7 +179,7 @@ class Batcher(grain.experimental.FlatMapTransform):
   def flat_map(self, indexed_window):
     index, rows = indexed_window
     if self.window > 1:
-      lengths_N = rows["mask"].sum(-1).max(-1)
+      lengths_N = rows["mask"].sum(-1).max(-1)  # either layout: the same batches
       order = np.argsort(lengths_N, kind="stable")
       rows = {k: v[order] for k, v in rows.items()}
     batches = [{k: v[i:i + self.batch_size] for k, v in rows.items()}
@@ -146,7 +192,7 @@ class Batcher(grain.experimental.FlatMapTransform):
 
 def train_dataset(source, tokenizer, *, global_batch_size: int, max_len: int, seed: int,
                   padding_side: str = "right", buckets=(), sort_window: int = 1,
-                  num_threads: int = 0, num_workers: int = 0,
+                  layout: str = "pairs", num_threads: int = 0, num_workers: int = 0,
                   shard_options: grain.sharding.ShardOptions | None = None) -> grain.IterDataset:
   """Infinite, reshuffled each epoch, this process's share of every global batch.
 
@@ -157,8 +203,12 @@ def train_dataset(source, tokenizer, *, global_batch_size: int, max_len: int, se
   the process count. ``num_threads`` read and
   tokenise windows in parallel threads, ``num_workers`` > 0 adds that many worker processes
   (grain ``mp_prefetch``, a few seconds to start); neither changes the batches or their order,
-  and the iterator state restores exactly.
+  and the iterator state restores exactly. ``layout``: ``pairs`` or ``shared_prompt`` (module
+  doc); shared rows are always trimmed to a bucket (``BucketTrim``; ``max_len`` or twice it
+  without ``buckets``).
   """
+  if layout not in LAYOUTS:
+    raise ValueError(f"data.layout={layout!r}: expected one of {LAYOUTS}")
   shard = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
   if global_batch_size % shard.shard_count:
     raise ValueError(f"batch_size={global_batch_size} is not divisible by {shard.shard_count} "
@@ -168,8 +218,10 @@ def train_dataset(source, tokenizer, *, global_batch_size: int, max_len: int, se
   ds = (grain.MapDataset.source(source)
         .shuffle(seed=seed)
         .repeat()
-        .map(lambda ex: encode_pair(ex, tokenizer, max_len, padding_side))
-        .batch(batch_size * sort_window, drop_remainder=True)
+        .map(lambda ex: encode_pair(ex, tokenizer, max_len, padding_side)))
+  if layout == "shared_prompt":
+    ds = ds.map(lambda pair: share_prompt(pair, tokenizer.pad_id))
+  ds = (ds.batch(batch_size * sort_window, drop_remainder=True)
         [shard.shard_index::shard.shard_count]
         .map_with_index(lambda i, rows: (i, rows))
         .to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
@@ -180,7 +232,8 @@ def train_dataset(source, tokenizer, *, global_batch_size: int, max_len: int, se
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   ds = grain.experimental.FlatMapIterDataset(ds, batcher)
   # in this (the training loop's) thread: all processes agree on each batch's length
-  return ds.map(BucketTrim(buckets, max_len, padding_side)) if buckets else ds
+  trimmed = buckets or layout == "shared_prompt"
+  return ds.map(BucketTrim(buckets, max_len, padding_side)) if trimmed else ds
 
 
 def length_report(source, tokenizer, max_len: int, limit: int | None = None) -> dict:

@@ -29,11 +29,14 @@ class RewardModel(nnx.Module):
     self.backbone = Llama(cfg, rngs=rngs)
     self.head = jitted_init(_head, cfg)(rngs)  # jitted: the same rounding as a jitted init
 
-  def __call__(self, tokens_BxL: jax.Array, mask_BxL: jax.Array, rows: ReadRows | None = None
-               ) -> tuple[jax.Array, jax.Array]:
-    """``(reward_B, h)``: ``h`` is ``h_BxLxD``, or with ``rows`` only the states at
-    ``rows.states_BxP`` ([B, P, D]; the last block runs at ``rows`` alone: ``Llama.run_from``)."""
-    return self._read(lambda pos: self.backbone(tokens_BxL, mask_BxL, pos), mask_BxL, rows)
+  def __call__(self, tokens_BxL: jax.Array, mask_BxL: jax.Array, rows: ReadRows | None = None,
+               *, parts_BxL: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(reward_B, h)``: ``h`` is ``h_BxLxD``. With ``rows``: ``(reward_BxR, h)``, the rewards
+    at ``rows.reward_BxR`` and only the states at ``rows.states_BxP`` ([B, P, D]; the last block
+    runs at ``rows`` alone: ``Llama.run_from``), or all of them when it is None. ``mask`` and
+    ``parts``: segments and responses, as in ``llama.positions_and_mask``."""
+    return self._read(lambda pos: self.backbone(tokens_BxL, mask_BxL, pos, parts_BxL=parts_BxL),
+                      mask_BxL, rows)
 
   def from_features(self, x_BxLxD: jax.Array, mask_BxL: jax.Array, layer: int,
                     rows: ReadRows | None = None) -> tuple[jax.Array, jax.Array]:
@@ -54,7 +57,10 @@ class RewardModel(nnx.Module):
     """``run(positions)``: last-layer states at those positions (every one when None)."""
     if rows is None:
       return self.score(run(None), mask_BxL)
+    if rows.states_BxP is None:
+      h_BxLxD = run(None).astype(jnp.float32)
+      return self.head(gather_rows(h_BxLxD, rows.reward_BxR))[..., 0], h_BxLxD
     p = rows.states_BxP.shape[1]
-    h_BxQxD = run(jnp.concatenate([rows.states_BxP, rows.reward_B[:, None]], axis=1))
+    h_BxQxD = run(jnp.concatenate([rows.states_BxP, rows.reward_BxR], axis=1))
     h_BxQxD = h_BxQxD.astype(jnp.float32)
-    return self.head(h_BxQxD[:, p])[:, 0], h_BxQxD[:, :p]
+    return self.head(h_BxQxD[:, p:])[..., 0], h_BxQxD[:, :p]
