@@ -70,6 +70,7 @@ def loss(variant: str = "paper") -> ConfigDict:
   c = ConfigDict()
   c.bt_weight = 1.0  # weight of the Bradley-Terry term
   c.beta = 0.5  # weight of the contrastive term (0 = BT only); paper: 0.5
+  c.center_rewards = 0.0  # weight of mean((r_c + r_r)²), TRL's center_rewards_coefficient
   c.custom = ""  # extra terms: 'pkg.module:function=weight,...' called as fn(out, key)
   c.contrastive = ConfigDict()
   c.contrastive.mode = "paper"  # 'paper' (binary, per pair) or 'infonce' (in-batch)

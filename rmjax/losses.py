@@ -49,6 +49,12 @@ def bradley_terry_loss(reward_chosen_B, reward_rejected_B, margin_B=None) -> jax
   return jnp.mean(jax.nn.softplus(-diff_B))
 
 
+def center_rewards_loss(reward_chosen_B, reward_rejected_B) -> jax.Array:
+  """``mean((r_c + r_r)²)``: pulls each pair's rewards towards a zero sum, so rewards stay centred
+  (TRL's ``center_rewards_coefficient``, EasyDeL's; BT alone fixes only their differences)."""
+  return jnp.mean(jnp.square(reward_chosen_B + reward_rejected_B))
+
+
 def pair_metrics(reward_chosen_B, reward_rejected_B) -> dict[str, jax.Array]:
   """Pairwise accuracy (ties count half) and mean reward margin."""
   diff_B = reward_chosen_B - reward_rejected_B
@@ -228,6 +234,11 @@ def contrastive_infonce_loss(h_src_BxSxD, h_goal_BxSxD, h_neg_BxSxD, valid_BxS, 
 def bt_term(out: PairOutputs, key=None) -> jax.Array:
   del key
   return bradley_terry_loss(out.reward_chosen_B, out.reward_rejected_B, out.margin_B)
+
+
+def center_term(out: PairOutputs, key=None) -> jax.Array:
+  del key
+  return center_rewards_loss(out.reward_chosen_B, out.reward_rejected_B)
 
 
 @dataclasses.dataclass(frozen=True)

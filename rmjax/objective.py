@@ -55,6 +55,8 @@ def build_terms(loss_cfg) -> Objective:
     terms.append(("contrastive", float(loss_cfg.beta), losses.ContrastiveTerm(
         mode=c.mode, goal=c.goal, num_samples=c.num_samples, num_goal_samples=c.num_goal_samples,
         temperature=c.temperature, reduction=c.reduction)))
+  if center := loss_cfg.get("center_rewards", 0.0):  # absent from configs saved before it
+    terms.append(("center", float(center), losses.center_term))
   for item in filter(None, (s.strip() for s in loss_cfg.custom.split(","))):
     spec, sep, weight = item.rpartition("=")
     if not sep:
@@ -63,7 +65,8 @@ def build_terms(loss_cfg) -> Objective:
   if not terms:
     raise ValueError("config.loss: every term has weight 0; nothing to train")
   sparse = bool(loss_cfg.get("sparse_last_block", True)) and all(
-      fn is losses.bt_term or isinstance(fn, losses.ContrastiveTerm) for _, _, fn in terms)
+      fn in (losses.bt_term, losses.center_term) or isinstance(fn, losses.ContrastiveTerm)
+      for _, _, fn in terms)
   return Objective(tuple(terms), sparse)
 
 

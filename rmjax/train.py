@@ -20,7 +20,7 @@ from rmjax import objective, sharding
 from rmjax.checkpoint import Checkpointer, write_json, write_text
 from rmjax.data import sources
 from rmjax.data.pipeline import encode_pair, eval_batches, train_dataset
-from rmjax.eval.metrics import preference_metrics, unique_solutions
+from rmjax.eval.metrics import preference_metrics, reward_stats, unique_solutions
 from rmjax.train_state import abstract_state, create_state, merge, model_config, trainable_filter
 
 log = logging.getLogger(__name__)
@@ -112,8 +112,9 @@ def distinct_solutions(source, tokenizer, config) -> np.ndarray:
 
 def evaluate(eval_step, state, source, tokenizer, config, mesh, rules,
              solutions=None) -> dict[str, float]:
-  """Rewards of every held-out pair -> pairwise accuracy, and AUROC of reward vs correctness over
-  the rows ``solutions`` (``distinct_solutions``; every row when None)."""
+  """Rewards of every held-out pair -> pairwise accuracy, and AUROC of reward vs correctness, mean
+  and std (``reward_mean``, ``reward_std``) over the rows ``solutions`` (``distinct_solutions``;
+  every row when None)."""
   chosen, rejected = [], []
   for batch, n_real in eval_batches(source, tokenizer, global_batch_size=config.train.batch_size,
                                     max_len=config.data.max_len,
@@ -121,7 +122,11 @@ def evaluate(eval_step, state, source, tokenizer, config, mesh, rules,
     r_c, r_r = eval_step(state, sharding.host_to_global(batch, mesh, rules))
     chosen.append(np.asarray(jax.device_get(r_c))[:n_real])
     rejected.append(np.asarray(jax.device_get(r_r))[:n_real])
-  return preference_metrics(np.concatenate(chosen), np.concatenate(rejected), solutions)
+  chosen, rejected = np.concatenate(chosen), np.concatenate(rejected)
+  rewards = np.stack([chosen, rejected], 1).reshape(-1)
+  stats = reward_stats(rewards if solutions is None else rewards[solutions])
+  return {**preference_metrics(chosen, rejected, solutions), "reward_mean": stats["mean"],
+          "reward_std": stats["std"]}
 
 
 # --- metrics output ---
@@ -282,4 +287,8 @@ def train(config, workdir: str) -> dict[str, float]:
     writer.close()
   if jax.process_index() == 0:
     write_json(os.path.join(workdir, "eval.json"), {"step": steps, **final}, indent=2)
+    # what ``(r - mean) / std`` normalisation reads (rmjax.score --normalize, exports)
+    write_json(os.path.join(workdir, "reward_stats.json"), {
+        "mean": final["reward_mean"], "std": final["reward_std"], "split": "validation",
+        "n": int(len(eval_solutions)), "step": steps}, indent=2)
   return final

@@ -102,6 +102,35 @@ def test_evaluate_matches_train_eval_and_compiles_once(tiny_run, tmp_path, caplo
   assert (tmp_path / "eval.md").read_text().startswith("| dataset |")
 
 
+def test_run_stores_its_validation_reward_stats_and_a_resume_rewrites_them(tiny_run):
+  """``reward_stats.json``: mean and std of the distinct validation solutions' rewards, computed
+  here by another program (evaluate's forward); a finished run started again writes it anew."""
+  c = run_config()
+  path = os.path.join(tiny_run, "reward_stats.json")
+  with open(path) as f:
+    stats = json.load(f)
+  held_out = sources.make_source(c, "validation")
+  mesh = sharding.make_mesh(tuple(c.mesh.shape))
+  with sharding.use_mesh(mesh):
+    _, _, graphdef, state = restore_state(c, mesh, tiny_run)
+    rows = evaluate.encode_pairs(held_out, ByteTokenizer(), c, len(held_out))
+    reward_N = evaluate.run_sequences(
+        jax.jit(evaluate.make_forward(graphdef)), state, rows, np.zeros(c.model.dim, np.float32),
+        batch_size=16, mesh=mesh, rules=sharding.DEFAULT_RULES, desc="pairs")["reward"]
+  solutions = metrics.unique_solutions(rows["tokens"], np.repeat(
+      [held_out[i].get("problem_id", i) for i in range(len(held_out))], 2))
+  r = reward_N[solutions].astype(np.float64)
+  assert stats["split"] == "validation" and stats["step"] == c.train.steps
+  assert stats["n"] == len(solutions)
+  assert abs(stats["mean"] - r.mean()) <= 1e-5 * np.abs(r).max()
+  assert stats["std"] == pytest.approx(r.std(), rel=1e-4)
+  with open(path, "w") as f:
+    f.write("{}")
+  train.train(c, tiny_run)  # already finished: evaluates the final state, rewrites the stats
+  with open(path) as f:
+    assert json.load(f) == pytest.approx(stats)
+
+
 def test_voting_on_scored_solutions_matches_naive_voting_on_the_models_q(tiny_run):
   """Solutions -> rows -> the restored model's Q_t -> goal-filtered voting, at thresholds that
   discard some solutions, against Q_t and voting computed naively here."""

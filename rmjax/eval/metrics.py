@@ -59,6 +59,15 @@ def preference_metrics(reward_chosen, reward_rejected, solutions=None) -> dict[s
           "reward_margin": float(np.mean(np.asarray(reward_chosen) - reward_rejected))}
 
 
+def reward_stats(rewards) -> dict:
+  """Mean and (population, ddof 0) standard deviation of ``rewards``, and how many: what
+  ``(r - mean) / std`` normalisation reads (``<workdir>/reward_stats.json``)."""
+  rewards = finite_scores(rewards, "rewards")
+  if not len(rewards):
+    raise ValueError("reward_stats: no rewards")
+  return {"mean": float(np.mean(rewards)), "std": float(np.std(rewards)), "n": int(len(rewards))}
+
+
 def auroc_ci(scores, labels, groups, *, n_boot: int = 1000, seed: int = 0,
              level: float = 0.95) -> dict[str, float]:
   """AUROC with a percentile bootstrap interval that resamples whole *groups* (problems).
