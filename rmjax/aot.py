@@ -178,37 +178,12 @@ def analyse(config, topology: str, num_slices: int = 1, hlo_out: str | None = No
   return out
 
 
-def _with(config, **fields):
-  c = config.copy_and_resolve_references()
-  with c.unlocked():
-    for path, value in fields.items():
-      block, name = path.split("__")
-      c[block][name] = value
-  return c
-
-
 def levers(config, out: dict) -> list[tuple[str, int]]:
   """(lever, bytes per chip it saves by ``rmjax.memory.plan``) for the usual memory levers."""
   from rmjax import memory
-  shape, dcn = tuple(out["mesh_shape"]), out["dcn_shape"]
-  data, fsdp, tensor = shape
-  options = []
-  if config.model.remat != "full":
-    options.append(("--config.model.remat=full", _with(config, model__remat="full"), shape))
-  if data > 1:
-    options.append((f"--config.mesh.shape='(1,{data * fsdp},{tensor})' (FSDP)", config,
-                    (1, data * fsdp, tensor)))
-  if fsdp % 2 == 0 and config.model.num_kv_heads % (2 * tensor) == 0:
-    options.append((f"--config.mesh.shape='({data},{fsdp // 2},{2 * tensor})' (tensor)", config,
-                    (data, fsdp // 2, 2 * tensor)))
-  accum = config.train.accum_steps
-  if config.train.batch_size % (2 * accum) == 0:
-    options.append((f"--config.train.accum_steps={2 * accum}",
-                    _with(config, train__accum_steps=2 * accum), shape))
-  if config.train.batch_size % 2 == 0 and (config.train.batch_size // 2) % accum == 0:
-    options.append((f"--config.train.batch_size={config.train.batch_size // 2}",
-                    _with(config, train__batch_size=config.train.batch_size // 2), shape))
-  return [(flag, out["plan_bytes"] - memory.plan(c, s, dcn).total) for flag, c, s in options]
+  dcn = out["dcn_shape"]
+  return [(flag, out["plan_bytes"] - memory.plan(c, shape, dcn).total)
+          for flag, c, shape in memory.levers(config, tuple(out["mesh_shape"]))]
 
 
 def _gib(b) -> str:
@@ -268,6 +243,8 @@ def search(config, topology: str, num_slices: int = 1, max_per_chip: int = 1024,
   ``train.accum_steps``) whose step fits, by doubling then bisecting over compiles; and the
   cheapest policy that fits the configured batch."""
   import numpy as np
+
+  from rmjax import memory
   _, _, devices = topology_devices(topology, num_slices)
   mesh, _ = mesh_for(config, devices, num_slices)
   table = dict((k, v) for k, v in config.mesh.rules)
@@ -278,7 +255,7 @@ def search(config, topology: str, num_slices: int = 1, max_per_chip: int = 1024,
 
   def fits(remat: str, k: int) -> bool:
     if (remat, k) not in memo:
-      out = analyse(_with(config, model__remat=remat, train__batch_size=k * step), topology,
+      out = analyse(memory.with_fields(config, model__remat=remat, train__batch_size=k * step), topology,
                     num_slices)
       memo[remat, k] = out["fits"]
       if log:

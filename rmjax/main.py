@@ -39,6 +39,12 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "Resume --workdir's run with a config that differs from its config.json (the architecture "
     "excepted): config.json becomes this config, the change is recorded in config_history.jsonl "
     "and the first config is kept as config_original.json.")
+_MEMORY_CHECK = flags.DEFINE_enum(
+    "memory_check", "compile", ["compile", "plan", "none"],
+    "Before training, stop (naming the levers that fit) when the step at the longest batch length "
+    "(data.buckets, data.max_len) exceeds the devices' memory: 'compile' compiles it here and "
+    "reads XLA's bytes (the plan, calibrated by them, for the other lengths and the levers); "
+    "'plan': rmjax.memory.plan only (no compile); 'none': no check.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -53,11 +59,42 @@ def main(argv):
   lead = jax.process_index() == 0  # the only process that logs, prints and writes metrics
   logging.getLogger("rmjax").setLevel(logging.INFO if lead else logging.WARNING)
   config = _CONFIG.value
+  if _MEMORY_CHECK.value != "none":  # before config.json: a lever taken must not block a resume
+    check_memory(config, config_flags.get_config_filename(flags.FLAGS["config"]),
+                 compile_=_MEMORY_CHECK.value == "compile")
   save_config(config, _WORKDIR.value, write=lead,
               allow_change=_ALLOW_CONFIG_CHANGE.value)
   final = train.train(config, _WORKDIR.value)
   if lead:
     print(json.dumps({"final_eval": final}))
+
+
+def check_memory(config, where: str, compile_: bool = True) -> None:
+  """Stops before training when the step at the longest batch length the pipeline produces
+  (``data.buckets``, ``data.max_len``) exceeds this process's devices' memory, with the figures
+  and the levers that fit (``rmjax.memory.check_fits``), instead of an out-of-memory error when
+  that batch arrives. ``compile_``: XLA's bytes for that step (compiled here, nothing allocated)
+  rather than the plan alone (which XLA:CPU exceeds: docs/scale.md)."""
+  import jax
+  from rmjax import memory, sharding
+  mesh = sharding.make_mesh(tuple(config.mesh.shape), dcn_shape=config.mesh.get("dcn_shape"))
+  device = jax.local_devices()[0]
+  budget, source = memory.device_bytes(device)
+
+  def measure(c) -> int:
+    s = memory.compiled(c, mesh)
+    return (s.argument_size_in_bytes + s.output_size_in_bytes - s.alias_size_in_bytes
+            + s.temp_size_in_bytes + s.generated_code_size_in_bytes)
+
+  try:
+    need = memory.check_fits(config, mesh.devices.shape, budget, f"{where}: ",
+                             honours_remat=device.platform != "cpu",
+                             measure=measure if compile_ else None)
+  except memory.DoesNotFit as e:
+    raise SystemExit(f"{e}\n(available: {source})") from None
+  logging.getLogger("rmjax").info(
+      "memory: %.2f GiB per device at %d tokens (%s), %.2f GiB available (%s)",
+      need[max(need)] / 2 ** 30, max(need), "XLA" if compile_ else "plan", budget / 2 ** 30, source)
 
 
 # config fields that may differ on any resume of a run: where it runs (the mesh, folders of the raw

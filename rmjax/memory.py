@@ -15,7 +15,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 
 import jax
 import numpy as np
@@ -92,17 +94,29 @@ def _block_bytes(cfg, t: int, l: int, n: int, k: int, f: int, remat: str) -> tup
   return kept, block_input + dots - kept + grad_logits
 
 
-def plan(config, mesh_shape, dcn_shape=None) -> MemoryPlan:
-  """Per-device bytes of ``rmjax.train``'s step for ``config`` on a mesh of ``mesh_shape``."""
+_STATE_BYTES: dict = {}  # plan's cache: (model, optimiser, trainable, rules, mesh) -> bytes
+
+
+def plan(config, mesh_shape, dcn_shape=None, *, honours_remat: bool = True) -> MemoryPlan:
+  """Per-device bytes of ``rmjax.train``'s step for ``config`` on a mesh of ``mesh_shape``.
+  ``honours_remat=False``: activations as without remat (XLA:CPU ignores it)."""
   rules = tuple(tuple(r) for r in config.mesh.rules)
   mesh = abstract_mesh(mesh_shape, dcn_shape)
   sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-  with jax.sharding.use_abstract_mesh(mesh), nnx.logical_axis_rules(rules):
-    graphdef, state = nnx.eval_shape(lambda: train_state.create_state(config, pretrained=False))
-    model = nnx.merge(graphdef, state)["model"]
-    params = _state_bytes(nnx.state(model, nnx.Param), rules, sizes)
-    gradients = _state_bytes(nnx.state(model, train_state.trainable_filter(config)), rules, sizes)
-    optimizer = _state_bytes(state["optimizer"], rules, sizes)
+  # the state's bytes depend on neither the batch nor remat: computed once per model and mesh
+  model_fields = {k: v for k, v in config.model.to_dict().items() if k != "remat"}
+  key = (json.dumps(model_fields, sort_keys=True, default=str), json.dumps(config.optim.to_dict(),
+         sort_keys=True, default=str), config.train.get("trainable_top_layers", -1), rules,
+         tuple(sorted(sizes.items())))
+  if key not in _STATE_BYTES:
+    with jax.sharding.use_abstract_mesh(mesh), nnx.logical_axis_rules(rules):
+      graphdef, state = nnx.eval_shape(lambda: train_state.create_state(config, pretrained=False))
+      model = nnx.merge(graphdef, state)["model"]
+      _STATE_BYTES[key] = (
+          _state_bytes(nnx.state(model, nnx.Param), rules, sizes),
+          _state_bytes(nnx.state(model, train_state.trainable_filter(config)), rules, sizes),
+          _state_bytes(state["optimizer"], rules, sizes))
+  params, gradients, optimizer = _STATE_BYTES[key]
 
   cfg = train_state.model_config(config)
   table = dict((k, v) for k, v in rules)
@@ -115,11 +129,123 @@ def plan(config, mesh_shape, dcn_shape=None) -> MemoryPlan:
   kept, recompute = _block_bytes(
       cfg, t, l, math.ceil(cfg.num_heads / shards("heads")),
       math.ceil(cfg.num_kv_heads / shards("kv_heads")),
-      math.ceil(cfg.mlp_dim / shards("mlp")), cfg.remat)
+      math.ceil(cfg.mlp_dim / shards("mlp")), cfg.remat if honours_remat else "none")
   final_hidden = 2 * t * cfg.dim * 4  # fp32 final-norm input and output, read by the losses
-  activations = cfg.num_layers * kept + recompute + final_hidden
+  top = config.train.get("trainable_top_layers", -1)  # frozen blocks keep nothing for backward
+  kept_layers = cfg.num_layers if top < 0 else min(top, cfg.num_layers)
+  activations = kept_layers * kept + recompute + final_hidden
   return MemoryPlan(params=params, optimizer=optimizer, gradients=gradients, batch=batch,
                     activations=activations)
+
+
+def with_fields(config, **fields):
+  """A resolved copy of ``config`` with ``block__name=value`` fields set."""
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    for path, value in fields.items():
+      block, name = path.split("__")
+      c[block][name] = value
+  return c
+
+
+def levers(config, mesh_shape) -> list[tuple[str, object, tuple]]:
+  """(flag, config, mesh shape) one memory lever away from ``config`` on ``mesh_shape``
+  (data, fsdp, tensor): more remat, FSDP instead of data parallel, tensor parallel, more
+  accumulation, half the batch."""
+  data, fsdp, tensor = mesh_shape
+  spell = lambda shape: str(tuple(shape)).replace(" ", "")
+  out = []
+  if config.model.remat != "full":
+    out.append(("--config.model.remat=full", with_fields(config, model__remat="full"), mesh_shape))
+  if data > 1:
+    shape = (1, data * fsdp, tensor)
+    out.append((f"--config.mesh.shape='{spell(shape)}' (FSDP)",
+                with_fields(config, mesh__shape=shape), shape))
+  if fsdp % 2 == 0 and config.model.num_kv_heads % (2 * tensor) == 0:
+    shape = (data, fsdp // 2, 2 * tensor)
+    out.append((f"--config.mesh.shape='{spell(shape)}' (tensor)",
+                with_fields(config, mesh__shape=shape), shape))
+  batch, accum = config.train.batch_size, config.train.accum_steps
+  if batch % (2 * accum) == 0:
+    out.append((f"--config.train.accum_steps={2 * accum}",
+                with_fields(config, train__accum_steps=2 * accum), mesh_shape))
+  if batch % 2 == 0 and (batch // 2) % accum == 0:
+    out.append((f"--config.train.batch_size={batch // 2}",
+                with_fields(config, train__batch_size=batch // 2), mesh_shape))
+  return out
+
+
+def bucket_lengths(config) -> list[int]:
+  """The sequence lengths of the training batches (``data.buckets`` up to ``data.max_len``)."""
+  from rmjax.data.pipeline import BucketTrim
+  return BucketTrim(config.data.get("buckets", ()), config.data.max_len, "right").buckets
+
+
+def device_bytes(device) -> tuple[int, str]:
+  """(bytes one device may use, where the figure comes from): the runtime's limit on GPU/TPU;
+  on CPU the host's memory (its cgroup limit when lower) shared by this process's devices."""
+  limit = (device.memory_stats() or {}).get("bytes_limit")
+  if limit:
+    return int(limit), f"{device.device_kind} bytes_limit"
+  host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  try:
+    with open("/sys/fs/cgroup/memory.max") as f:
+      host = min(host, int(f.read()))
+  except (OSError, ValueError):  # no cgroup v2 limit ('max')
+    pass
+  n = jax.local_device_count()
+  return host // n, f"host memory / {n} {device.platform} device(s)"
+
+
+class DoesNotFit(ValueError):
+  """The step's planned memory exceeds the devices' (``check_fits``)."""
+
+
+def check_fits(config, mesh_shape, budget: int, where: str = "", *, honours_remat: bool = True,
+               measure=None) -> dict[int, int]:
+  """Plans the step at every batch length the pipeline produces (``bucket_lengths``) and returns
+  {length: bytes per device}; raises ``DoesNotFit`` with the figures, and the levers (``levers``,
+  or a chain of them) that fit, when the longest does not fit ``budget``. ``measure(config)``:
+  the compiled step's bytes at the longest length (``used_bytes``), which then replaces the plan
+  there and scales every other figure by its ratio to the plan (the plan calibrated by XLA)."""
+  gib = lambda b: f"{b / 2 ** 30:.2f} GiB" if b >= 2 ** 30 else f"{b / MiB:.2f} MiB"
+  total = lambda c, shape, length: plan(with_fields(c, data__max_len=length), shape,
+                                        honours_remat=honours_remat)
+  mesh_shape = tuple(int(s) for s in mesh_shape)
+  planned = {n: total(config, mesh_shape, n).total for n in bucket_lengths(config)}
+  longest = max(planned)
+  worst = total(config, mesh_shape, longest)
+  scale = 1.0 if measure is None else measure(with_fields(config, data__max_len=longest)) / worst.total
+  need = {n: round(b * scale) for n, b in planned.items()}
+  if need[longest] <= budget:
+    return need
+  fits = [n for n, b in need.items() if b <= budget]
+  cost = lambda c, shape: total(c, shape, longest).total * scale
+  good = [f"  {flag}: {gib(cost(c, shape))}" for flag, c, shape in levers(config, mesh_shape)
+          if cost(c, shape) <= budget]
+  if not good:  # no single lever is enough: apply the best one until it fits (4 at most)
+    chain, c, shape = {}, config, mesh_shape
+    for _ in range(4):  # ties (within 1%) go to the earlier lever: accumulation before batch
+      options = [(cost(c2, s2), i, flag, c2, s2) for i, (flag, c2, s2) in enumerate(levers(c, shape))]
+      if not options:
+        break
+      least = min(o[0] for o in options)
+      b, _, flag, c, shape = min((o for o in options if o[0] <= 1.01 * least), key=lambda o: o[1])
+      chain[flag.split("=")[0]] = flag  # a field set twice: the last value
+      if b <= budget:
+        good = [f"  {' '.join(chain.values())}: {gib(b)}"]
+        break
+  parts = ", ".join(f"{f.name} {gib(getattr(worst, f.name))}" for f in dataclasses.fields(worst))
+  measured = "" if measure is None else (
+      f"XLA's compiled step needs {gib(need[longest])}; the plan (x{scale:.2f} below) ")
+  raise DoesNotFit(
+      f"{where}the train step does not fit: at {longest} tokens (batch {config.train.batch_size} "
+      f"pairs, mesh {mesh_shape}) {measured}rmjax.memory.plan needs {gib(worst.total)} per device "
+      f"({parts}{'' if honours_remat else '; remat not honoured on CPU'}), {gib(budget)} "
+      f"available. Lengths that fit: {fits or 'none'} of {sorted(planned)}.\n"
+      + ("Levers that fit (per device):\n" + "\n".join(good) if good else
+         "No lever (remat, FSDP, tensor, accumulation, batch) makes it fit; use more devices.")
+      + "\n(The plan is an estimate: docs/scale.md. Skip this check with --memory_check=none.)")
 
 
 def versus_xla(plan: MemoryPlan, stats) -> dict[str, tuple[int, int]]:
