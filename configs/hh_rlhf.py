@@ -2,7 +2,11 @@
 
   python -m rmjax.main --config=configs/hh_rlhf.py --workdir=runs/hh
 Variants (``:arg``, comma-separated): ``paper`` (default), ``bt``, ``infonce``; ``tiny`` for a CPU
-smoke run. Everything but the data is ``configs/gsm8k.py`` (fields documented there). The prompt
+smoke run. Everything but the data is ``configs/gsm8k.py`` (fields documented there).
+Sized for one accelerator with 64 GiB or more (an 80 GB H100, an H200): rmjax.memory plans 60 GiB
+per device at the 1024-token bucket (fp32, no remat). On a 2-core / 24 GiB CPU host use ``tiny``
+(XLA:CPU needs 153 GiB at 1024 tokens; ``rmjax.main`` stops before training and names the
+levers: docs/scale.md). The prompt
 is the dialogue both responses share, so contrastive states come only from the final responses.
 """
 from ml_collections import ConfigDict

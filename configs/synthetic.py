@@ -4,7 +4,7 @@
   python -m rmjax.main --config=configs/synthetic.py:bt --workdir=/tmp/rm_bt   # BT only
   python -m rmjax.main --config=configs/synthetic.py:infonce --workdir=...      # in-batch negatives
 Variants (``:arg``): ``paper`` (default, BT + paper contrastive), ``bt``, ``infonce``; append
-``,tiny`` (e.g. ``paper,tiny``) for a seconds-long smoke run.
+``,tiny`` (e.g. ``paper,tiny``) for a seconds-long smoke run. Sized for any CPU (a few MiB).
 """
 from ml_collections import ConfigDict
 

@@ -237,11 +237,13 @@ def check_fits(config, mesh_shape, budget: int, where: str = "", *, honours_rema
         break
   parts = ", ".join(f"{f.name} {gib(getattr(worst, f.name))}" for f in dataclasses.fields(worst))
   measured = "" if measure is None else (
-      f"XLA's compiled step needs {gib(need[longest])}; the plan (x{scale:.2f} below) ")
+      f"XLA's compiled step needs {gib(need[longest])} per device ({scale:.2f} x the plan's "
+      f"{gib(worst.total)}: {parts}")
+  planned_only = f"rmjax.memory.plan needs {gib(worst.total)} per device ({parts}"
   raise DoesNotFit(
       f"{where}the train step does not fit: at {longest} tokens (batch {config.train.batch_size} "
-      f"pairs, mesh {mesh_shape}) {measured}rmjax.memory.plan needs {gib(worst.total)} per device "
-      f"({parts}{'' if honours_remat else '; remat not honoured on CPU'}), {gib(budget)} "
+      f"pairs, mesh {mesh_shape}) {measured or planned_only}"
+      f"{'' if honours_remat else '; remat not honoured on CPU'}), {gib(budget)} "
       f"available. Lengths that fit: {fits or 'none'} of {sorted(planned)}.\n"
       + ("Levers that fit (per device):\n" + "\n".join(good) if good else
          "No lever (remat, FSDP, tensor, accumulation, batch) makes it fit; use more devices.")
