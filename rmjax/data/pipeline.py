@@ -153,11 +153,12 @@ def process_max(value: int) -> int:
 class BucketTrim:
   """A batch -> trimmed to the smallest bucket holding the longest row of every process's batch,
   so that all processes' shares of a global batch have one shape. Shared rows (``share_prompt``)
-  are trimmed to the smallest bucket or twice a bucket (``max_len`` included) that holds them."""
+  are trimmed to the smallest bucket or sum of two buckets (``max_len`` included) that holds
+  them: a row holds up to two sequences, and the sums keep its padding as fine as theirs."""
 
   def __init__(self, buckets, max_len: int, padding_side: str):
     self.buckets = sorted({b for b in buckets if b < max_len} | {max_len})
-    self.shared_buckets = sorted(set(self.buckets) | {2 * b for b in self.buckets})
+    self.shared_buckets = sorted({a + b for a in [0, *self.buckets] for b in self.buckets})
     self.padding_side = padding_side
 
   def __call__(self, batch: dict) -> dict:

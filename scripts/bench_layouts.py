@@ -1,0 +1,181 @@
+"""Training throughput by data layout on real data: ``pairs`` vs ``shared_prompt`` (issue 17).
+
+  python scripts/bench_layouts.py                    # HH-RLHF and GSM8K, BT and paper, 4 layers
+  python scripts/bench_layouts.py --datasets=gsm8k_solutions --losses=bt --batches=2 --rounds=2
+  python scripts/bench_layouts.py --layers=30        # the whole SmolLM2-135M depth (slow on CPU)
+
+# B: pairs per batch
+
+For each dataset (skipped when ``--source_dir`` lacks its file) the script takes ``--batches``
+training batches from the real pipeline (SmolLM2's tokenizer, the config's bucketing and length
+sorting; ``--max_len`` per dataset keeps a CPU run short). Both layouts train on the same pairs in
+the same batches (``data.layout`` changes only how a batch is laid out). Each contestant (dataset x
+loss x layout) is the trainer's jitted step (``train.jit_train_step``: AdamW, clipping, the sparse
+last block) on a SmolLM2-135M-shaped model with random weights and ``--layers`` of its 30 blocks,
+compiled for every batch shape before timing. Then ``--rounds`` rounds each run every
+contestant's batches once, one contestant after the other, so that all see the same load on a
+shared machine; the figures are medians over rounds, speedups medians of per-round ratios.
+
+Printed per contestant: pairs/s; real tokens/s (the pairs' non-pad tokens, the same data for
+both layouts); XLA's cost-analysis FLOPs per pair (mean over the batches); the padding share of
+the rows the model runs; the first step's loss (both layouts start from the same state: equal up
+to float32 rounding). The last line is one JSON object: ``hh_speedup``, ``gsm8k_speedup`` (the
+lower over the losses of ``shared_prompt`` pairs/s over ``pairs``), and every figure.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # rmjax and configs, from anywhere
+
+from bench_measure import machine, xla_cost  # noqa: E402  beside this file
+
+LAYOUTS = ("pairs", "shared_prompt")
+DATASETS = {"hh_rlhf": ("hh", "hh-rlhf/harmless-base-test.jsonl.gz"),
+            "gsm8k_solutions": ("gsm8k", "gsm8k/example_model_solutions.jsonl")}
+
+_DATASETS = flags.DEFINE_list("datasets", list(DATASETS), "data.name of each dataset.")
+_LOSSES = flags.DEFINE_list("losses", ["bt", "paper"], "Loss variants (configs/gsm8k.py).")
+_SOURCE_DIR = flags.DEFINE_string("source_dir", str(Path(__file__).resolve().parents[2] / "shared"
+                                                    / "data"), "The raw data (../shared/data).")
+_MAX_LEN = flags.DEFINE_list("max_len", ["hh_rlhf=512", "gsm8k_solutions=320"],
+                             "data.max_len per dataset (buckets above it are dropped).")
+_LAYERS = flags.DEFINE_integer("layers", 4, "Decoder blocks (SmolLM2-135M has 30).")
+_PAIRS = flags.DEFINE_integer("pairs", 8, "B: pairs per batch.")
+_BATCHES = flags.DEFINE_integer("batches", 4, "Batches per contestant and round.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds.")
+
+
+def make_config(dataset: str, loss: str, layout: str):
+  from configs import gsm8k, hh_rlhf
+  c = (hh_rlhf if dataset == "hh_rlhf" else gsm8k).get_config(loss)
+  c.data.name, c.data.source_dir, c.data.layout = dataset, _SOURCE_DIR.value, layout
+  c.data.max_len = int(dict(x.split("=") for x in _MAX_LEN.value)[dataset])
+  c.data.buckets = tuple(b for b in c.data.buckets if b < c.data.max_len) + (c.data.max_len,)
+  c.model.update(vocab_size=49152, dim=576, num_layers=_LAYERS.value, num_heads=9,
+                 num_kv_heads=3, head_dim=64, mlp_dim=1536, rope_theta=1e5)
+  c.model.init_from = ""
+  c.train.batch_size, c.train.trainable_top_layers = _PAIRS.value, 0
+  c.mesh.shape = (1, 1, 1)
+  return c
+
+
+def take_batches(config) -> list[dict]:
+  """``--batches`` shared-prompt batches from the training pipeline (its pair fields are the
+  ``pairs`` layout's batch)."""
+  from rmjax.data import sources
+  from rmjax.data.pipeline import train_dataset
+  opts = sources.pipeline_options(config)
+  it = iter(train_dataset(sources.make_source(config, "train"), sources.make_tokenizer(config),
+                          global_batch_size=config.train.batch_size,
+                          max_len=config.data.max_len, seed=config.seed,
+                          padding_side=config.data.padding_side, **opts))
+  return [next(it) for _ in range(_BATCHES.value)]
+
+
+def as_layout(batch: dict, layout: str) -> dict:
+  return batch if layout == "shared_prompt" else {
+      k: v for k, v in batch.items() if not k.startswith("shared_")}
+
+
+def padding_share(batches: list[dict]) -> float:
+  """The share of the model's row tokens that are padding."""
+  key = "shared_mask" if "shared_mask" in batches[0] else "mask"
+  return 1 - sum(int(b[key].astype(bool).sum()) for b in batches) / sum(b[key].size
+                                                                         for b in batches)
+
+
+class Contestant:
+  """The trainer's jitted step on one layout's batches, compiled for each of their shapes."""
+
+  def __init__(self, config, batches: list[dict]):
+    import jax
+
+    from rmjax import sharding, train, train_state
+    self.mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    with sharding.use_mesh(self.mesh):
+      graphdef, self.state = train_state.create_state(config, self.mesh)
+      step = train.jit_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding,
+                                                                 self.state))
+      self.batches = [sharding.host_to_global(b, self.mesh) for b in batches]
+      self.compiled, flops, t0 = {}, [], time.perf_counter()
+      for b in self.batches:
+        shape = tuple(sorted((k, v.shape) for k, v in b.items()))
+        if shape not in self.compiled:
+          self.compiled[shape] = step.lower(self.state, b).compile()
+        flops.append(xla_cost(self.compiled[shape])[0])
+      self.compile_s = time.perf_counter() - t0
+      self.shapes = [tuple(sorted((k, v.shape) for k, v in b.items())) for b in self.batches]
+    self.flops_per_pair = float(np.mean(flops)) / config.train.batch_size
+    self.first_loss = None
+
+  def __call__(self) -> float:
+    """Seconds for one step on each batch."""
+    import jax
+    t0 = time.perf_counter()
+    for shape, b in zip(self.shapes, self.batches):
+      self.state, metrics = self.compiled[shape](self.state, b)
+      if self.first_loss is None:
+        self.first_loss = float(jax.device_get(metrics["loss"]))
+    jax.block_until_ready((self.state, metrics))
+    return time.perf_counter() - t0
+
+
+def main(argv):
+  del argv
+  import jax
+  results, rows = {}, []
+  print(f"# {datetime.date.today()}, {machine()}, jax {jax.__version__}; SmolLM2-135M shape, "
+        f"{_LAYERS.value} layers, random weights, fp32, B={_PAIRS.value}, "
+        f"{_BATCHES.value} batches x {_ROUNDS.value} rounds")
+  for dataset in _DATASETS.value:
+    short, path = DATASETS[dataset]
+    if not os.path.exists(os.path.join(_SOURCE_DIR.value, path)):
+      print(f"# {dataset}: skipped, {path} not in {_SOURCE_DIR.value}")
+      continue
+    batches = take_batches(make_config(dataset, _LOSSES.value[0], "shared_prompt"))
+    real = sum(int(b["mask"].sum()) for b in batches)
+    pairs = _BATCHES.value * _PAIRS.value
+    contestants = {}
+    for loss in _LOSSES.value:
+      for layout in LAYOUTS:
+        config = make_config(dataset, loss, layout)
+        contestants[loss, layout] = c = Contestant(config, [as_layout(b, layout)
+                                                            for b in batches])
+        print(f"# {dataset} {loss} {layout}: compiled {len(c.compiled)} shapes in "
+              f"{c.compile_s:.0f} s", flush=True)
+    seconds = {k: [] for k in contestants}
+    for _ in range(_ROUNDS.value):
+      for k, c in contestants.items():
+        seconds[k].append(c())
+    for (loss, layout), c in contestants.items():
+      s = np.asarray(seconds[loss, layout])
+      ratio = float(np.median(np.asarray(seconds[loss, "pairs"]) / s))
+      results[f"{short}_{loss}_{layout}"] = r = {
+          "pairs_per_s": pairs / float(np.median(s)), "real_tokens_per_s": real / np.median(s),
+          "gflops_per_pair": c.flops_per_pair / 1e9, "speedup": ratio,
+          "padding": padding_share([as_layout(b, layout) for b in batches]),
+          "first_loss": c.first_loss}
+      rows.append(f"| {dataset} | {loss} | {layout} | {r['pairs_per_s']:.2f} | "
+                  f"{r['real_tokens_per_s']:,.0f} | {r['gflops_per_pair']:.1f} | "
+                  f"{r['padding']:.1%} | {ratio:.2f}x | {c.first_loss:.6f} |")
+    results[f"{short}_speedup"] = min(results[f"{short}_{loss}_shared_prompt"]["speedup"]
+                                      for loss in _LOSSES.value)
+  print("| dataset | loss | layout | pairs/s | real tokens/s | GFLOPs/pair | padding | "
+        "speedup | first loss |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  print("\n".join(rows))
+  print(json.dumps({"hh_speedup": results.pop("hh_speedup", None),
+                    "gsm8k_speedup": results.pop("gsm8k_speedup", None), **results}))
+
+
+if __name__ == "__main__":
+  app.run(main)
