@@ -7,8 +7,10 @@ For every pair of each split it stores the hidden states *entering* block ``--la
 num_layers``: the final-norm output, for head-only training) of the chosen and rejected sequence,
 with the tokens (to tell identical solutions apart), masks, response masks, margins and problem
 ids. The backbone is the config's
-(``model.init_from`` or random init) or a trained run's (``--checkpoint``). Also saved: the
-parameters from block ``layer`` up (and the head), which the lab trains, and ``meta.json``.
+(``model.init_from`` or random init) or a trained run's (``--checkpoint``); ``meta["backbone"]``
+says which, so that ``rmjax.lab_export`` can join its lower blocks to a lab run's trained top.
+Also saved: the parameters from block ``layer`` up (and the head), which the lab trains, and
+``meta.json``.
 
 Layout: ``OUT/meta.json``, ``OUT/top_params.npz``, ``OUT/<split>/<shard:05d>/<field>.npy``. Each
 shard is written to a temporary folder and renamed when complete: a killed run resumes at the
@@ -116,11 +118,19 @@ class FeatureSource:
     return {k: np.concatenate([sh[k] for sh in shards])[:self.n] for k in FIELDS}
 
 
+def backbone_record(checkpoint: str = "") -> dict:
+  """Where the cached backbone comes from (``meta["backbone"]``): the config's model
+  (``model.init_from``, or random init with ``seed``; both in ``meta["config"]``) or a trained
+  run (its folder, as given to ``--checkpoint``)."""
+  return {"checkpoint": os.path.abspath(checkpoint)} if checkpoint else {"config": True}
+
+
 def cache(config, model, layer: int, out: str, splits=("train", "validation"), *,
-          limit: int | dict = 0, batch_size: int = 8, dtype: str = "float32", mesh=None) -> dict:
+          limit: int | dict = 0, batch_size: int = 8, dtype: str = "float32", mesh=None,
+          checkpoint: str = "") -> dict:
   """Writes (or completes) the cache in ``out``; returns ``meta``. ``model`` is the frozen
-  ``RewardModel``; ``limit`` > 0 keeps only the first ``limit`` pairs of each split (a dict:
-  per split, 0 = all)."""
+  ``RewardModel``: the config's, or the run's at ``checkpoint`` (``backbone_record``); ``limit``
+  > 0 keeps only the first ``limit`` pairs of each split (a dict: per split, 0 = all)."""
   cfg = model.backbone.cfg
   if not 0 <= layer <= cfg.num_layers:
     raise ValueError(f"--layer={layer}: expected 0..{cfg.num_layers} (num_layers = last layer)")
@@ -139,7 +149,8 @@ def cache(config, model, layer: int, out: str, splits=("train", "validation"), *
   data = {k: v for k, v in config.data.to_dict().items() if k not in DATA_EXEMPT}
   meta = {"layer": layer, "max_len": max_len, "dtype": dtype, "shard_size": batch_size,
           "splits": counts, "model": dataclasses.asdict(cfg),
-          "weights_sha256": weights_sha256(flat), "data": data, "config": config.to_dict()}
+          "weights_sha256": weights_sha256(flat), "backbone": backbone_record(checkpoint),
+          "data": data, "config": config.to_dict()}
   meta_path = os.path.join(out, "meta.json")
   if os.path.exists(meta_path):
     with open(meta_path) as f:
@@ -231,7 +242,8 @@ def _cli():
       limits = (int(limit.value) if "=" not in limit.value else
                 {k: int(v) for k, v in (i.split("=") for i in limit.value.split(","))})
       meta = cache(config, model, layer.value, out.value, tuple(splits.value), limit=limits,
-                   batch_size=batch.value, dtype=dtype.value, mesh=mesh)
+                   batch_size=batch.value, dtype=dtype.value, mesh=mesh,
+                   checkpoint=checkpoint.value)
     print(json.dumps({"out": out.value, "layer": meta["layer"], "pairs": meta["splits"]}))
 
   app.run(main)

@@ -154,9 +154,31 @@ def restore_state(config, mesh, path: str):
   return step, os.path.join(directory, str(step)), graphdef, restored["state"]
 
 
+LAB_EXPORT = ("a loss-lab run's saved top: export it with the features it trained on, python -m "
+              "rmjax.lab_export --features=FEATURES_DIR --params={npz} --out=RUN_DIR, then use "
+              "RUN_DIR")
+
+
+def check_run_path(path: str) -> None:
+  """A FileNotFoundError saying what to do when ``path`` is not a run: a loss-lab ``.npz`` (or a
+  folder of them), any other file, or a folder with no checkpoints."""
+  if os.path.isfile(path):
+    what = LAB_EXPORT.format(npz=path) if path.endswith(".npz") else "not a folder"
+    raise FileNotFoundError(f"{path}: not an rmjax run ({what})")
+  directory, step, _ = resolve_run(path)
+  if step is None and directory == os.path.abspath(path) and not any(
+      name.isdigit() for name in os.listdir(directory)):
+    npz = sorted(f for f in os.listdir(directory) if f.endswith(".npz"))
+    what = (f"it holds {LAB_EXPORT.format(npz=os.path.join(path, npz[0]))}" if npz else
+            "expected a workdir with config.json and checkpoints/, its checkpoints/ or a step "
+            "folder; or a Hugging Face folder with *.safetensors")
+    raise FileNotFoundError(f"{path}: not an rmjax run, no checkpoints in it ({what})")
+
+
 def load_trained(path: str, mesh):
   """``(config, model)`` of the run at ``path``; the config is the run's ``config.json``."""
   import ml_collections
+  check_run_path(path)
   workdir = resolve_run(path)[2]
   config_path = os.path.join(workdir, "config.json")
   if not os.path.exists(config_path):

@@ -126,12 +126,9 @@ def _batches(source, batch_size: int, *, seed: int):
               .batch(batch_size, drop_remainder=True))
 
 
-def evaluate(eval_step, state, source: FeatureSource, batch_size: int, *, n_boot: int = 1000
-             ) -> dict[str, float]:
-  """Pairwise accuracy over held-out pairs, and AUROC (with a by-problem bootstrap CI) over the
-  distinct solutions in them (a solution in several pairs counts once)."""
-  data = source.arrays()
-  n = len(source)
+def pair_rewards(eval_step, state, data: dict, batch_size: int):
+  """``(reward_chosen_N, reward_rejected_N)`` of every pair of ``data`` (``source.arrays()``)."""
+  n = len(data["mask"])
   chosen, rejected = [], []
   for start in range(0, n, batch_size):
     idx = np.minimum(np.arange(start, start + batch_size), n - 1)
@@ -140,7 +137,16 @@ def evaluate(eval_step, state, source: FeatureSource, batch_size: int, *, n_boot
     r_c, r_r = jax.device_get(eval_step(state, batch))
     chosen.append(r_c[:n - start])
     rejected.append(r_r[:n - start])
-  chosen, rejected = np.concatenate(chosen), np.concatenate(rejected)
+  return np.concatenate(chosen), np.concatenate(rejected)
+
+
+def evaluate(eval_step, state, source: FeatureSource, batch_size: int, *, n_boot: int = 1000
+             ) -> dict[str, float]:
+  """Pairwise accuracy over held-out pairs, and AUROC (with a by-problem bootstrap CI) over the
+  distinct solutions in them (a solution in several pairs counts once)."""
+  data = source.arrays()
+  n = len(source)
+  chosen, rejected = pair_rewards(eval_step, state, data, batch_size)
   rewards = np.stack([chosen, rejected], 1).reshape(-1)
   labels = np.tile([1, 0], n)
   groups = np.repeat(data["problem_id"], 2)

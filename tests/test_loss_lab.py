@@ -163,3 +163,69 @@ def test_loss_lab_script_resumes_only_runs_with_the_same_settings(tmp_path, monk
     with pytest.raises(ValueError, match="stored with other settings"):
       script.main(args + [changed])
   assert len(trained) == 1
+
+
+def test_exported_lab_run_scores_as_the_lab_evaluates(cached, tmp_path):
+  """Cached backbone's lower block + the lab's trained top, as a run folder and an HF folder: the
+  full models, from tokens, give the lab's held-out rewards (from features) and accuracy."""
+  from rmjax import convert, lab_export
+  from rmjax.checkpoint import load_trained
+  from rmjax.eval.metrics import pairwise_accuracy
+  _, model, out, mesh = cached
+  config = loss_lab.lab_config(out, **{"train.steps": 3, "train.batch_size": 16,
+                                       "optim.lr": 1e-2, "optim.warmup_steps": 0})
+  saved, run_dir, hf_dir = (str(tmp_path / n) for n in ("top.npz", "run", "hf"))
+  result = loss_lab.run(config, out, n_boot=20, save_to=saved)
+  data = cache_features.FeatureSource(out, "validation").arrays()
+  n, _, l = data["tokens"].shape
+  with sharding.use_mesh(mesh):
+    graphdef, state = loss_lab.lab_state(loss_lab.lab_config(out), saved, mesh)
+    lab_c, lab_r = loss_lab.pair_rewards(jax.jit(loss_lab.make_eval_step(graphdef, 1)), state,
+                                         data, 4)
+    lab_export.export_lab_run(out, saved, run_dir, hf_out=hf_dir, mesh=mesh)
+    tokens, mask = data["tokens"].reshape(2 * n, l), data["mask"].reshape(2 * n, l)
+    _, run_model = load_trained(run_dir, mesh)
+    hf_model = convert.load_reward_model(hf_dir, convert.pretrained_config(hf_dir), mesh)
+    before = np.asarray(model(tokens, mask)[0])  # the backbone's own top
+    exported = {"run": np.asarray(run_model(tokens, mask)[0]),
+                "hf": np.asarray(hf_model(tokens, mask)[0])}
+  lab = np.stack([lab_c, lab_r], axis=1).reshape(-1)
+  assert pairwise_accuracy(lab_c, lab_r) == result["pairwise_accuracy"]
+  scale = np.abs(lab).max()
+  assert np.abs(before - lab).max() > 1e-2 * scale  # the lab's top, not the backbone's, is read
+  for name, rewards in exported.items():
+    assert np.abs(rewards - lab).max() <= 1e-4 * scale, name
+    assert pairwise_accuracy(rewards[0::2], rewards[1::2]) == result["pairwise_accuracy"], name
+  with pytest.raises(FileExistsError, match="another --out"):
+    lab_export.export_lab_run(out, saved, run_dir, mesh=mesh)
+
+
+def test_export_needs_the_cached_from_backbone(cached, tmp_path):
+  from rmjax import lab_export
+  _, _, out, mesh = cached
+  meta = json.loads(open(os.path.join(out, "meta.json")).read())
+  assert meta["backbone"] == {"config": True}
+  old = dict(meta)
+  del old["backbone"]  # a cache made before the backbone was recorded
+  (tmp_path / "meta.json").write_text(json.dumps(old))
+  with sharding.use_mesh(mesh):
+    with pytest.raises(ValueError, match="no 'backbone' entry.*--backbone=config"):
+      lab_export.load_backbone(str(tmp_path), mesh)
+    assert lab_export.load_backbone(str(tmp_path), mesh, "config") is not None  # hash matches
+    (tmp_path / "meta.json").write_text(json.dumps(
+        dict(meta, config=dict(meta["config"], seed=meta["config"]["seed"] + 1))))
+    with pytest.raises(ValueError, match="random init of seed .* not the one these features"):
+      lab_export.load_backbone(str(tmp_path), mesh)
+
+
+def test_loading_a_lab_output_as_a_run_says_to_export_it(tmp_path, mesh1):
+  from rmjax.checkpoint import load_trained
+  lab_out = tmp_path / "exp"
+  lab_out.mkdir()
+  np.savez(lab_out / "bt_s0.npz", x=np.zeros(1))
+  for path in (lab_out / "bt_s0.npz", lab_out):
+    with pytest.raises(FileNotFoundError, match=r"not an rmjax run.*rmjax\.lab_export --features="
+                       r"FEATURES_DIR --params=.*bt_s0\.npz"):
+      load_trained(str(path), mesh1)
+  with pytest.raises(FileNotFoundError, match="no checkpoints in it.*Hugging Face"):
+    load_trained(str(tmp_path / "exp" / ".."), mesh1)
