@@ -155,8 +155,10 @@ def analyse(config, topology: str, num_slices: int = 1, hlo_out: str | None = No
   flops, bytes_accessed = float(cost.get("flops", 0)), float(cost.get("bytes accessed", 0))
   tokens = config.train.batch_size * 2 * config.data.max_len
   model_flops = tokens * model_flops_per_token(train_state.model_config(config), config.data.max_len)
-  # XLA's cost analysis counts a loop body once (model.scan_layers): never below the model's FLOPs
-  compute_s = max(flops, model_flops / len(devices)) / chip.peak_flops
+  # XLA's cost analysis counts a loop body once (model.scan_layers): never below the FLOPs the
+  # chip runs, the model's plus remat='full''s second forward pass (6 -> 8 per weight and token)
+  recompute = 8 / 6 if config.model.remat == "full" else 1.0
+  compute_s = max(flops, recompute * model_flops / len(devices)) / chip.peak_flops
   hbm_s = bytes_accessed / chip.hbm_bw
   coll_s = sum(c["est_s"] for c in colls)
   step_s = max(compute_s, hbm_s) + coll_s

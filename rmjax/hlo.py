@@ -31,16 +31,30 @@ def _group_size(line: str) -> int:
   return 2
 
 
+def _trip_count(line: str, comps: dict[str, list[str]]) -> int:
+  """A while loop's trip count: XLA's ``known_trip_count``, else its condition's
+  ``counter < constant(N)`` (XLA:TPU's widened scans carry no known_trip_count), else 1."""
+  if m := re.search(r'"known_trip_count":\{"n":"(\d+)"', line):
+    return int(m.group(1))
+  cond = re.search(r"condition=%([\w.-]+)", line)
+  body = comps.get(cond.group(1), ()) if cond else ()
+  consts = dict(re.findall(r"%(\S+) = s32\[\]\S* constant\((\d+)\)", "\n".join(body)))
+  for l in body:  # the counter starts at 0 (lax.scan)
+    if (m := re.search(r"ROOT .*compare\(%\S+, %([^,\s)]+)\), direction=LT", l)) and m.group(1) in consts:
+      return int(consts[m.group(1)])
+  return 1
+
+
 def _multipliers(comps: dict[str, list[str]], entry: str) -> dict[str, int]:
-  """How many times each computation runs per step (while bodies: their known trip count)."""
+  """How many times each computation runs per step (while bodies: their trip count)."""
   mult: dict[str, int] = {}
 
   def visit(name: str, times: int):
     mult[name] = mult.get(name, 0) + times
     for line in comps.get(name, ()):
-      trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+      trip = _trip_count(line, comps) if " while(" in line else 1
       for key, callees in _CALLS.findall(line):
-        n = int(trip.group(1)) if trip and key in ("body", "condition") else 1
+        n = trip if key in ("body", "condition") else 1
         for callee in re.findall(r"%([\w.-]+)", callees):
           visit(callee, times * n)
 
