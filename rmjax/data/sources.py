@@ -11,7 +11,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from rmjax.data.synthetic import SyntheticMath
-from rmjax.data.tokenizer import load_tokenizer
+from rmjax.data.tokenizer import load_tokenizer, resolve_convention
 
 BUILDERS = {"gsm8k_solutions": "gsm8k_solutions/pairs", "gsm8k_perturbed": "gsm8k_perturbed",
             "hh_rlhf": "hh_rlhf", "finegrained_qa": "finegrained_qa/decisive",
@@ -22,7 +22,10 @@ PIPELINE_DEFAULTS = {"buckets": (), "sort_window": 1, "layout": "pairs", "num_th
 
 
 def make_tokenizer(config):
-  return load_tokenizer(config.data.tokenizer)
+  """The run's tokenizer under its scoring convention (``data.convention``; '' or absent: 'hf'
+  when ``model.init_from`` is a sequence classifier, else 'rmjax'; rmjax.data.tokenizer)."""
+  return load_tokenizer(config.data.tokenizer, resolve_convention(
+      config.data.get("convention", ""), config.model.get("init_from", "")))
 
 
 def parse_files(spec: str) -> dict[str, str]:
