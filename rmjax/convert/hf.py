@@ -1,7 +1,8 @@
 """Hugging Face checkpoints <-> rmjax: config mapping, safetensors import, reward-model export.
 
-Supported architectures: Llama, Mistral and Qwen2 (``*ForCausalLM`` or ``*ForSequenceClassification``
-folders with ``config.json`` and ``*.safetensors``, sharded index included). Tensors are read with
+Supported architectures: Llama, Mistral, Qwen2, Qwen3 and Gemma 2 (``*ForCausalLM`` or
+``*ForSequenceClassification`` folders with ``config.json`` and ``*.safetensors``, sharded index
+included), each a set of ``LlamaConfig`` switches (``FAMILIES``). Tensors are read with
 ``safetensors`` (no PyTorch) one device shard at a time, straight into their target sharding.
 """
 from __future__ import annotations
@@ -15,7 +16,15 @@ import numpy as np
 
 from rmjax.models import LlamaConfig
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")
+# HF model_type -> the LlamaConfig switches that family sets (the rest keep their defaults)
+FAMILIES = {
+    "llama": {}, "mistral": {}, "qwen2": {"qkv_bias": True}, "qwen3": {"qk_norm": True},
+    "gemma2": {"norm_plus_one": True, "sandwich_norms": True, "embed_scale": True},
+}
+ARCHITECTURES = tuple(FAMILIES)
+SWITCHES = ("qkv_bias", "qk_norm", "norm_plus_one", "sandwich_norms", "embed_scale")
+# HF hidden_act / hidden_activation -> LlamaConfig.mlp_act
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 # tensors a reward model does not use: the LM head, rotary buffers of old checkpoints
 UNUSED_OK = (re.compile(r"lm_head\.weight"), re.compile(r".*\.rotary_emb\.inv_freq"))
 
@@ -41,44 +50,69 @@ def _rope_fields(hf: dict) -> dict:
 def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
   """``config.json`` contents -> ``LlamaConfig`` (``overrides``: e.g. dtype, param_dtype)."""
   arch = hf.get("model_type")
-  if arch not in ARCHITECTURES:
-    raise ValueError(f"model_type={arch!r} is not supported; expected one of {ARCHITECTURES}")
+  if arch not in FAMILIES:
+    raise ValueError(f"model_type={arch!r} is not supported; supported: {', '.join(FAMILIES)}")
+  _check_one_label(hf)
   heads = hf["num_attention_heads"]
-  window = (hf.get("sliding_window") or 0) if arch == "mistral" else _qwen2_window(hf)
   if hf.get("mlp_bias"):
     raise ValueError("mlp_bias=True is not supported")
   if arch != "qwen2" and hf.get("attention_bias"):
     raise ValueError(f"model_type={arch!r} with attention_bias=True is not supported: it adds a "
                      "bias to the attention output projection (o_proj), which rmjax lacks")
+  act = hf.get("hidden_activation" if arch == "gemma2" else "hidden_act") or "silu"
+  if act not in ACTIVATIONS:
+    raise ValueError(f"activation {act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+  window, sliding_layers = _windows(hf, arch)
   fields = dict(
       vocab_size=hf["vocab_size"], dim=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
       num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
       head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, mlp_dim=hf["intermediate_size"],
-      norm_eps=hf["rms_norm_eps"], qkv_bias=arch == "qwen2",
+      norm_eps=hf["rms_norm_eps"], mlp_act=ACTIVATIONS[act],
       tie_embeddings=bool(hf.get("tie_word_embeddings", arch != "mistral")),
-      sliding_window=int(window), **_rope_fields(hf))
+      sliding_window=window, sliding_layers=sliding_layers, **FAMILIES[arch], **_rope_fields(hf))
+  if arch == "gemma2":  # HF's defaults where config.json lacks a field
+    fields.update(attn_softcap=float(hf.get("attn_logit_softcapping", 50.0) or 0.0),
+                  query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256))
   fields.update(overrides)
   return LlamaConfig(**fields)
 
 
-def _qwen2_window(hf: dict) -> int:
-  """Qwen2's sliding window, which rmjax applies to every layer; 0 when there is none.
+def _check_one_label(hf: dict):
+  """A sequence classifier must have one output (the reward), as HF counts its labels."""
+  if not any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or ()):
+    return
+  labels = hf.get("num_labels") or len(hf.get("id2label") or {}) or 2  # HF's default: 2
+  if labels != 1:
+    raise ValueError(f"a sequence classifier with num_labels={labels}: a reward model has one "
+                     "output (num_labels=1); rmjax cannot read a multi-label score head")
 
-  HF gives layer ``i`` the window when ``layer_types[i] == "sliding_attention"``, by default when
-  ``use_sliding_window`` and ``i >= max_window_layers``: only all or none are supported."""
-  if not hf.get("use_sliding_window") or not hf.get("sliding_window"):
-    return 0
+
+def _windows(hf: dict, arch: str) -> tuple[int, tuple[int, ...] | None]:
+  """HF's sliding window and the layers it applies to (None: every layer), or ``(0, None)``.
+
+  Mistral windows every layer; Qwen2/3 the layers whose ``layer_types[i]`` is
+  ``sliding_attention`` (by default, with ``use_sliding_window``, ``i >= max_window_layers``);
+  Gemma 2 likewise (by default every other layer, from layer 0)."""
   n = hf["num_hidden_layers"]
-  types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28)
-                                    else "full_attention" for i in range(n)]
-  sliding = [t == "sliding_attention" for t in types]
-  if all(sliding):
-    return int(hf["sliding_window"])
-  if any(sliding):
-    raise ValueError(f"qwen2 sliding window on layers {[i for i, s in enumerate(sliding) if s]} "
-                     f"of {n} only (use_sliding_window, max_window_layers="
-                     f"{hf.get('max_window_layers')}): rmjax windows all layers or none")
-  return 0
+  if arch == "llama":
+    return 0, None
+  if arch == "mistral":
+    return int(hf.get("sliding_window") or 0), None
+  if arch == "gemma2":
+    window = hf.get("sliding_window", 4096)
+    default = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+  else:  # qwen2, qwen3: HF drops the window without use_sliding_window
+    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    default = ["sliding_attention" if window and i >= hf.get("max_window_layers", 28)
+               else "full_attention" for i in range(n)]
+  types = hf.get("layer_types") or default
+  if len(types) != n or set(types) - {"sliding_attention", "full_attention"}:
+    raise ValueError(f"layer_types={types}: expected {n} of 'sliding_attention' / "
+                     "'full_attention'")
+  layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+  if not window or not layers:
+    return 0, None
+  return int(window), None if len(layers) == n else layers
 
 
 def rmjax_to_hf_names(cfg: LlamaConfig) -> dict[str, tuple[str, bool]]:
@@ -87,10 +121,17 @@ def rmjax_to_hf_names(cfg: LlamaConfig) -> dict[str, tuple[str, bool]]:
            "backbone/final_norm/scale": ("model.norm.weight", False)}
   attn = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
   mlp = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+  # Gemma 2's sandwich: post_attention_layernorm is on the attention output, not the MLP input
+  norms = ({"attn_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm",
+            "mlp_norm": "pre_feedforward_layernorm", "post_mlp_norm": "post_feedforward_layernorm"}
+           if cfg.sandwich_norms else
+           {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"})
+  if cfg.qk_norm:
+    norms.update({"attn/q_norm": "self_attn.q_norm", "attn/k_norm": "self_attn.k_norm"})
   for i in range(cfg.num_layers):
     ours, theirs = f"backbone/layers/{i}", f"model.layers.{i}"
-    names[f"{ours}/attn_norm/scale"] = (f"{theirs}.input_layernorm.weight", False)
-    names[f"{ours}/mlp_norm/scale"] = (f"{theirs}.post_attention_layernorm.weight", False)
+    for a, b in norms.items():
+      names[f"{ours}/{a}/scale"] = (f"{theirs}.{b}.weight", False)
     for a, b in attn.items():
       names[f"{ours}/attn/{a}/kernel"] = (f"{theirs}.self_attn.{b}.weight", True)
       if cfg.qkv_bias and a != "o":
@@ -160,6 +201,9 @@ def hf_tensor_getters(folder: str, cfg: LlamaConfig
   names = rmjax_to_hf_names(cfg)
   if HEAD[1][0] in reader:
     names[HEAD[0]] = HEAD[1]
+    if reader.shape(HEAD[1][0])[0] != 1:
+      raise ValueError(f"{folder}: score.weight has {reader.shape(HEAD[1][0])[0]} outputs "
+                       "(num_labels); a reward model has one")
   unused = sorted(set(reader.names) - {name for name, _ in names.values()}
                   - {n for n in reader.names if any(p.fullmatch(n) for p in UNUSED_OK)})
   if unused:
@@ -177,9 +221,26 @@ def hf_tensor_getters(folder: str, cfg: LlamaConfig
 
 # --- export ---
 
+def hf_family(cfg: LlamaConfig) -> str:
+  """The HF ``model_type`` that computes what ``cfg`` does; a clear error when none does."""
+  switches = {s: getattr(cfg, s) for s in SWITCHES}
+  found = [a for a, sw in FAMILIES.items() if switches == {s: sw.get(s, False) for s in SWITCHES}]
+  if not found:
+    raise ValueError(f"no HF family has the switches {switches} (families: {FAMILIES})")
+  arch = found[0] if found[0] != "llama" else ("mistral" if cfg.sliding_window else "llama")
+  problems = []
+  if arch == "mistral" and cfg.sliding_layers is not None:
+    problems.append(f"sliding_layers={cfg.sliding_layers} (Mistral windows every layer)")
+  if arch != "gemma2" and (cfg.attn_softcap or cfg.query_pre_attn_scalar):
+    problems.append("attn_softcap / query_pre_attn_scalar (Gemma 2 only)")
+  if problems:
+    raise ValueError(f"model_type={arch!r} cannot express " + "; ".join(problems))
+  return arch
+
+
 def hf_config_dict(cfg: LlamaConfig, pad_token_id: int) -> dict:
   """An HF ``config.json`` for ``cfg`` as a one-label sequence classifier."""
-  arch = "qwen2" if cfg.qkv_bias else ("mistral" if cfg.sliding_window else "llama")
+  arch = hf_family(cfg)
   rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
   if cfg.rope_type == "linear":
     rope["factor"] = cfg.rope_factor
@@ -187,25 +248,33 @@ def hf_config_dict(cfg: LlamaConfig, pad_token_id: int) -> dict:
     rope.update(factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
                 high_freq_factor=cfg.rope_high_freq_factor,
                 original_max_position_embeddings=cfg.rope_original_max_positions)
+  act = {v: k for k, v in ACTIVATIONS.items()}[cfg.mlp_act]
   out = {
       "model_type": arch, "architectures": [f"{arch.capitalize()}ForSequenceClassification"],
       "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "num_hidden_layers": cfg.num_layers,
       "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
       "head_dim": cfg.hd, "intermediate_size": cfg.mlp_dim, "rms_norm_eps": cfg.norm_eps,
-      "hidden_act": "silu", "rope_theta": cfg.rope_theta, "rope_parameters": rope,
+      "hidden_activation" if arch == "gemma2" else "hidden_act": act,
+      "rope_theta": cfg.rope_theta, "rope_parameters": rope,
       "rope_scaling": None if cfg.rope_type == "default" else rope,
       "max_position_embeddings": max(32768, cfg.rope_original_max_positions),
-      "tie_word_embeddings": False, "num_labels": 1, "pad_token_id": pad_token_id,
+      "tie_word_embeddings": cfg.tie_embeddings, "num_labels": 1, "pad_token_id": pad_token_id,
       "id2label": {"0": "reward"}, "label2id": {"reward": 0},
   }
+  layer_types = [("sliding_attention" if cfg.windowed(i) else "full_attention")
+                 for i in range(cfg.num_layers)]
   if arch == "mistral":
     out["sliding_window"] = cfg.sliding_window
-  if arch == "qwen2":  # HF windows layers >= max_window_layers: here every layer, or none
+  if arch in ("qwen2", "qwen3"):  # layer_types says which layers HF windows
     out.update(use_sliding_window=bool(cfg.sliding_window),
                sliding_window=cfg.sliding_window or None, max_window_layers=0,
-               layer_types=[("sliding_attention" if cfg.sliding_window else "full_attention")
-                            for _ in range(cfg.num_layers)])
-  if arch == "llama":
+               layer_types=layer_types)
+  if arch == "gemma2":  # no window: every layer full (HF still wants a sliding_window value)
+    scalar = cfg.query_pre_attn_scalar or cfg.hd
+    out.update(sliding_window=cfg.sliding_window or 4096, layer_types=layer_types,
+               query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
+               attn_logit_softcapping=cfg.attn_softcap or None, final_logit_softcapping=None)
+  if arch in ("llama", "qwen3", "gemma2"):
     out["attention_bias"] = False
   return out
 

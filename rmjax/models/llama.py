@@ -1,13 +1,12 @@
-"""Llama-family decoder in Flax NNX (Llama, Mistral, Qwen2-style QKV bias, SmolLM2).
+"""Decoder in Flax NNX: Llama, Mistral, Qwen2 (QKV bias), Qwen3 (q/k norm), Gemma 2, SmolLM2.
 
 # B: batch, L: sequence length, D: model dim, N: query heads, K: kv heads, H: head dim, F: mlp dim
 
-Numerics follow Hugging Face ``transformers`` (RoPE with the rotate-half layout, RMSNorm in fp32),
-so imported checkpoints reproduce its hidden states.
+One backbone; the families differ by ``LlamaConfig`` switches (``rmjax.models.layers``). Numerics
+follow Hugging Face ``transformers``, so imported checkpoints reproduce its hidden states.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -18,115 +17,9 @@ from flax.core import spmd as flax_spmd
 from jax.sharding import PartitionSpec as P
 
 from rmjax.indexing import gather_rows
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-REMAT_POLICIES = {"none": None, "dots_saveable": jax.checkpoint_policies.dots_saveable,
-                  "full": jax.checkpoint_policies.nothing_saveable}
-
-
-# LlamaConfig fields that say how the model runs, not what it computes
-RUN_ONLY_FIELDS = ("remat", "scan_layers", "attention")
-
-
-@dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-  vocab_size: int = 256
-  dim: int = 64
-  num_layers: int = 2
-  num_heads: int = 4
-  num_kv_heads: int = 2
-  head_dim: int | None = None  # default dim // num_heads
-  mlp_dim: int = 256
-  rope_theta: float = 10000.0
-  # RoPE frequency scaling as in HF configs: 'default' (none), 'linear' (positions / factor) or
-  # 'llama3' (low frequencies / factor, smooth in between; needs the three fields below)
-  rope_type: str = "default"
-  rope_factor: float = 1.0
-  rope_low_freq_factor: float = 1.0
-  rope_high_freq_factor: float = 4.0
-  rope_original_max_positions: int = 8192
-  sliding_window: int = 0  # attend to at most this many latest tokens (Mistral); 0 = unlimited
-  norm_eps: float = 1e-5
-  qkv_bias: bool = False  # Qwen2
-  tie_embeddings: bool = True
-  param_dtype: str = "float32"
-  dtype: str = "float32"  # compute dtype: float32 or bfloat16
-  # per-block rematerialisation (memory for compute): 'none', 'dots_saveable' (keep matmul
-  # outputs, recompute the rest in the backward pass) or 'full' (keep only each block's input)
-  remat: str = "none"
-  # run the blocks as one jax.lax.scan (one block in the compiled program instead of
-  # num_layers); the weights stay per block and are stacked on the fly (one transient copy)
-  scan_layers: bool = False
-  # attention kernel: 'xla' (any backend and dtype) or 'cudnn' (cuDNN flash attention on NVIDIA
-  # GPUs; bf16/fp16 compute; the causal mask lets it skip the upper triangle)
-  attention: str = "xla"
-
-  def __post_init__(self):
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
-                       f"num_kv_heads={self.num_kv_heads}")
-    if self.rope_type not in ("default", "linear", "llama3"):
-      raise ValueError(f"model.rope_type={self.rope_type!r}: expected 'default', 'linear' or "
-                       "'llama3'")
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"model.remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
-    for f in ("param_dtype", "dtype"):
-      if getattr(self, f) not in DTYPES:
-        raise ValueError(f"model.{f}={getattr(self, f)!r}: expected one of {sorted(DTYPES)}")
-    if self.attention not in ("xla", "cudnn"):
-      raise ValueError(f"model.attention={self.attention!r}: expected 'xla' or 'cudnn'")
-    if self.attention == "cudnn" and self.dtype == "float32":
-      raise ValueError("model.attention='cudnn' needs model.dtype='bfloat16' or 'float16' "
-                       "(cuDNN flash attention has no float32 kernel)")
-
-  @property
-  def hd(self) -> int:
-    return self.head_dim or self.dim // self.num_heads
-
-
-def _linear(cfg: LlamaConfig, n_in: int, n_out: int, axes, rngs, *, bias=False):
-  # Fan-in scaling (variance 1/n_in): a fixed std such as 0.02 leaves a small model's attention
-  # logits near zero, and it then learns positional patterns very slowly from scratch.
-  init = nnx.initializers.lecun_normal()
-  return nnx.Linear(n_in, n_out, use_bias=bias, dtype=DTYPES[cfg.dtype],
-                    param_dtype=DTYPES[cfg.param_dtype],
-                    kernel_init=nnx.with_partitioning(init, axes),
-                    bias_init=nnx.with_partitioning(nnx.initializers.zeros, axes[1:]), rngs=rngs)
-
-
-def _rmsnorm(cfg: LlamaConfig, rngs):
-  return nnx.RMSNorm(cfg.dim, epsilon=cfg.norm_eps, dtype=jnp.float32,
-                     param_dtype=DTYPES[cfg.param_dtype],
-                     scale_init=nnx.with_partitioning(nnx.initializers.ones, ("norm",)),
-                     rngs=rngs)
-
-
-def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
-  """Inverse frequencies [H/2] of the rotary embedding, with HF's 'linear' / 'llama3' scaling."""
-  h = cfg.hd
-  inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
-  if cfg.rope_type == "linear":
-    inv_freq = inv_freq / cfg.rope_factor
-  elif cfg.rope_type == "llama3":
-    wavelen = 2 * np.pi / inv_freq
-    low_wavelen = cfg.rope_original_max_positions / cfg.rope_low_freq_factor
-    high_wavelen = cfg.rope_original_max_positions / cfg.rope_high_freq_factor
-    smooth = ((cfg.rope_original_max_positions / wavelen - cfg.rope_low_freq_factor)
-              / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor))
-    mid = (1 - smooth) * inv_freq / cfg.rope_factor + smooth * inv_freq
-    inv_freq = np.where(wavelen > low_wavelen, inv_freq / cfg.rope_factor,
-                        np.where(wavelen < high_wavelen, inv_freq, mid))
-  return inv_freq.astype(np.float32)
-
-
-def rope(x_BxLxNxH: jax.Array, pos_BxL: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-  """Rotary embedding, rotate-half layout (as Hugging Face Llama)."""
-  ang_BxLxH = jnp.concatenate([pos_BxL[..., None] * inv_freq[None, None, :]] * 2,
-                              axis=-1)[:, :, None, :]
-  x = x_BxLxNxH.astype(jnp.float32)
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return (x * jnp.cos(ang_BxLxH) + rotated * jnp.sin(ang_BxLxH)).astype(x_BxLxNxH.dtype)
+from rmjax.models.layers import (DTYPES, REMAT_POLICIES, RUN_ONLY_FIELDS,  # noqa: F401 (re-exported)
+                                 LlamaConfig, linear, mlp_activation, rmsnorm, rope,
+                                 rope_frequencies, softcapped_attention)
 
 
 class Attention(nnx.Module):
@@ -134,10 +27,12 @@ class Attention(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.hd
-    self.q = _linear(cfg, cfg.dim, n * h, ("embed", "heads"), rngs, bias=cfg.qkv_bias)
-    self.k = _linear(cfg, cfg.dim, k * h, ("embed", "kv_heads"), rngs, bias=cfg.qkv_bias)
-    self.v = _linear(cfg, cfg.dim, k * h, ("embed", "kv_heads"), rngs, bias=cfg.qkv_bias)
-    self.o = _linear(cfg, n * h, cfg.dim, ("heads", "embed"), rngs)
+    self.q = linear(cfg, cfg.dim, n * h, ("embed", "heads"), rngs, bias=cfg.qkv_bias)
+    self.k = linear(cfg, cfg.dim, k * h, ("embed", "kv_heads"), rngs, bias=cfg.qkv_bias)
+    self.v = linear(cfg, cfg.dim, k * h, ("embed", "kv_heads"), rngs, bias=cfg.qkv_bias)
+    self.o = linear(cfg, n * h, cfg.dim, ("heads", "embed"), rngs)
+    if cfg.qk_norm:
+      self.q_norm, self.k_norm = rmsnorm(cfg, h, rngs), rmsnorm(cfg, h, rngs)
 
   def __call__(self, x_BxLxD, pos_BxL, mask_BxLxL, rows_BxP=None):
     """Self-attention; with ``rows`` only those query rows are computed (output [B, P, D]),
@@ -150,42 +45,56 @@ class Attention(nnx.Module):
       xq, pos_q = gather_rows(x_BxLxD, rows_BxP), jnp.take_along_axis(pos_BxL, rows_BxP, axis=1)
       mask_q = jnp.take_along_axis(mask_BxLxL, rows_BxP[:, :, None], axis=1)
     p = xq.shape[1]
-    q_BxPxNxH = rope(self.q(xq).reshape(b, p, cfg.num_heads, cfg.hd), pos_q, inv_freq)
-    k_BxLxKxH = rope(self.k(x_BxLxD).reshape(b, l, cfg.num_kv_heads, cfg.hd), pos_BxL, inv_freq)
+    q_BxPxNxH = self.q(xq).reshape(b, p, cfg.num_heads, cfg.hd)
+    k_BxLxKxH = self.k(x_BxLxD).reshape(b, l, cfg.num_kv_heads, cfg.hd)
+    if cfg.qk_norm:  # per head, before RoPE (Qwen3)
+      q_BxPxNxH = self.q_norm(q_BxPxNxH).astype(q_BxPxNxH.dtype)
+      k_BxLxKxH = self.k_norm(k_BxLxKxH).astype(k_BxLxKxH.dtype)
+    q_BxPxNxH = rope(q_BxPxNxH, pos_q, inv_freq)
+    k_BxLxKxH = rope(k_BxLxKxH, pos_BxL, inv_freq)
     v_BxLxKxH = self.v(x_BxLxD).reshape(b, l, cfg.num_kv_heads, cfg.hd)
-    if cfg.attention == "cudnn" and rows_BxP is None:
+    scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
+    if cfg.attn_softcap:  # XLA only (LlamaConfig refuses cudnn with a soft cap)
+      out_BxPxNxH = softcapped_attention(q_BxPxNxH, k_BxLxKxH, v_BxLxKxH, mask_q,
+                                         scale or cfg.hd ** -0.5, cfg.attn_softcap)
+    elif cfg.attention == "cudnn" and rows_BxP is None:
       if jax.default_backend() != "gpu":
         raise ValueError(f"model.attention='cudnn' runs on NVIDIA GPUs only; JAX's backend here "
                          f"is {jax.default_backend()!r}: use model.attention='xla'")
       # The mask (padding, window) becomes an additive bias; is_causal lets cuDNN skip the
       # blocks above the diagonal, which the mask excludes anyway.
       out_BxPxNxH = jax.nn.dot_product_attention(q_BxPxNxH, k_BxLxKxH, v_BxLxKxH,
-                                                 mask=mask_q[:, None], is_causal=True,
-                                                 implementation="cudnn")
+                                                 mask=mask_q[:, None], scale=scale,
+                                                 is_causal=True, implementation="cudnn")
     else:  # also the sparse last block's few query rows, which are not a causal prefix
       out_BxPxNxH = jax.nn.dot_product_attention(q_BxPxNxH, k_BxLxKxH, v_BxLxKxH,
-                                                 mask=mask_q[:, None])
+                                                 mask=mask_q[:, None], scale=scale)
     return self.o(out_BxPxNxH.reshape(b, p, cfg.num_heads * cfg.hd))
 
 
 class MLP(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
-    self.gate = _linear(cfg, cfg.dim, cfg.mlp_dim, ("embed", "mlp"), rngs)
-    self.up = _linear(cfg, cfg.dim, cfg.mlp_dim, ("embed", "mlp"), rngs)
-    self.down = _linear(cfg, cfg.mlp_dim, cfg.dim, ("mlp", "embed"), rngs)
+    self.gate = linear(cfg, cfg.dim, cfg.mlp_dim, ("embed", "mlp"), rngs)
+    self.up = linear(cfg, cfg.dim, cfg.mlp_dim, ("embed", "mlp"), rngs)
+    self.down = linear(cfg, cfg.mlp_dim, cfg.dim, ("mlp", "embed"), rngs)
+    self.act = mlp_activation(cfg.mlp_act)
 
   def __call__(self, x_BxLxD):
-    return self.down(jax.nn.silu(self.gate(x_BxLxD)) * self.up(x_BxLxD))
+    return self.down(self.act(self.gate(x_BxLxD)) * self.up(x_BxLxD))
 
 
 class Block(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
-    self.attn_norm = _rmsnorm(cfg, rngs)
+    self.attn_norm = rmsnorm(cfg, cfg.dim, rngs)
     self.attn = Attention(cfg, rngs=rngs)
-    self.mlp_norm = _rmsnorm(cfg, rngs)
+    self.mlp_norm = rmsnorm(cfg, cfg.dim, rngs)
     self.mlp = MLP(cfg, rngs=rngs)
+    if cfg.sandwich_norms:  # Gemma 2: HF's post_attention_ and post_feedforward_layernorm
+      self.post_attn_norm = rmsnorm(cfg, cfg.dim, rngs)
+      self.post_mlp_norm = rmsnorm(cfg, cfg.dim, rngs)
+    self.sandwich = cfg.sandwich_norms
     self.dtype = DTYPES[cfg.dtype]
     self.remat = cfg.remat
 
@@ -199,8 +108,14 @@ class Block(nnx.Module):
   def forward(self, x_BxLxD, pos_BxL, mask_BxLxL, rows_BxP=None):
     h_BxLxD = self.attn_norm(x_BxLxD).astype(self.dtype)
     x_BxPxD = x_BxLxD if rows_BxP is None else gather_rows(x_BxLxD, rows_BxP)
-    x_BxPxD = x_BxPxD + self.attn(h_BxLxD, pos_BxL, mask_BxLxL, rows_BxP)
-    return x_BxPxD + self.mlp(self.mlp_norm(x_BxPxD).astype(self.dtype))
+    a_BxPxD = self.attn(h_BxLxD, pos_BxL, mask_BxLxL, rows_BxP)
+    if self.sandwich:
+      a_BxPxD = self.post_attn_norm(a_BxPxD).astype(self.dtype)
+    x_BxPxD = x_BxPxD + a_BxPxD
+    m_BxPxD = self.mlp(self.mlp_norm(x_BxPxD).astype(self.dtype))
+    if self.sandwich:
+      m_BxPxD = self.post_mlp_norm(m_BxPxD).astype(self.dtype)
+    return x_BxPxD + m_BxPxD
 
 
 def jitted_init(factory, cfg: LlamaConfig):
@@ -253,9 +168,16 @@ def positions_and_mask(mask_BxL: jax.Array, sliding_window: int = 0,
                       | (parts_BxL[:, None, :] == parts_BxL[:, :, None]))
   pos_BxL = jnp.maximum(allowed_BxLxL.sum(axis=-1) - 1, 0).astype(jnp.float32)
   if sliding_window:
-    allowed_BxLxL &= pos_BxL[:, :, None] - pos_BxL[:, None, :] < sliding_window
+    allowed_BxLxL = window_mask(pos_BxL, allowed_BxLxL, sliding_window)
   allowed_BxLxL |= (seg_BxL == 0)[:, :, None] & jnp.eye(l, dtype=bool)[None]
   return pos_BxL, allowed_BxLxL
+
+
+def window_mask(pos_BxL: jax.Array, allowed_BxLxL: jax.Array, sliding_window: int) -> jax.Array:
+  """``allowed`` narrowed to keys less than ``sliding_window`` positions back. On the output of
+  ``positions_and_mask(mask, 0, parts)`` it gives ``positions_and_mask(mask, sliding_window,
+  parts)``'s mask (a pad query's own key is 0 positions back)."""
+  return allowed_BxLxL & (pos_BxL[:, :, None] - pos_BxL[:, None, :] < sliding_window)
 
 
 def _batch_sharded(x: jax.Array) -> jax.Array:
@@ -280,12 +202,28 @@ class Llama(nnx.Module):
                                                                 ("vocab", "embed")),
                            rngs=rngs)
     self.layers = nnx.List([jitted_init(Block, cfg)(rngs) for _ in range(cfg.num_layers)])
-    self.final_norm = _rmsnorm(cfg, rngs)
+    self.final_norm = rmsnorm(cfg, cfg.dim, rngs)
 
   def __call__(self, tokens_BxL: jax.Array, mask_BxL: jax.Array, rows_BxP=None, *,
                parts_BxL=None) -> jax.Array:
     """Final-norm states; ``mask`` and ``parts`` as in ``positions_and_mask``."""
-    return self.run_from(self.embed(tokens_BxL), mask_BxL, 0, rows_BxP, parts_BxL=parts_BxL)
+    return self.run_from(self._embed(tokens_BxL), mask_BxL, 0, rows_BxP, parts_BxL=parts_BxL)
+
+  def _embed(self, tokens_BxL: jax.Array) -> jax.Array:
+    x_BxLxD = self.embed(tokens_BxL)
+    if self.cfg.embed_scale:  # HF: sqrt(dim) as a float32 tensor cast to the weights' dtype
+      x_BxLxD = x_BxLxD * jnp.asarray(np.float32(self.cfg.dim ** 0.5), x_BxLxD.dtype)
+    return x_BxLxD
+
+  def _masks(self, mask_BxL: jax.Array, parts_BxL) -> tuple[jax.Array, tuple]:
+    """Positions and the masks ``(full, windowed)`` (one array twice without a window); block
+    ``i`` reads ``masks[cfg.windowed(i)]``."""
+    window = self.cfg.sliding_window
+    if not window or self.cfg.sliding_layers is None:  # one mask for every layer
+      pos_BxL, mask_BxLxL = positions_and_mask(mask_BxL, window, parts_BxL)
+      return pos_BxL, (mask_BxLxL, mask_BxLxL)
+    pos_BxL, full_BxLxL = positions_and_mask(mask_BxL, 0, parts_BxL)
+    return pos_BxL, (full_BxLxL, window_mask(pos_BxL, full_BxLxL, window))
 
   def run_from(self, x_BxLxD: jax.Array, mask_BxL: jax.Array, layer: int, rows_BxP=None, *,
                parts_BxL=None) -> jax.Array:
@@ -295,30 +233,36 @@ class Llama(nnx.Module):
     its queries, MLP and norm at those rows alone (its keys and values still read every
     position) — all a loss that reads a few states needs, and the same numbers.
     """
-    pos_BxL, mask_BxLxL = positions_and_mask(mask_BxL, self.cfg.sliding_window, parts_BxL)
+    pos_BxL, masks = self._masks(mask_BxL, parts_BxL)
     blocks = list(self.layers[layer:])
     last = blocks.pop() if rows_BxP is not None else None
-    x_BxLxD = self._blocks(blocks, x_BxLxD, pos_BxL, mask_BxLxL)
+    x_BxLxD = self._blocks(layer, blocks, x_BxLxD, pos_BxL, masks)
     if last is not None:
-      x_BxLxD = last(x_BxLxD, pos_BxL, mask_BxLxL, rows_BxP)
+      n = self.cfg.num_layers - 1
+      x_BxLxD = last(x_BxLxD, pos_BxL, masks[self.cfg.windowed(n)], rows_BxP)
     return self.final_norm(x_BxLxD)
 
-  def _blocks(self, blocks, x_BxLxD, pos_BxL, mask_BxLxL):
+  def _blocks(self, start, blocks, x_BxLxD, pos_BxL, masks):
+    """``blocks`` (layers ``start``, ``start + 1``, ...) in turn, each with its mask."""
+    windowed = [self.cfg.windowed(i) for i in range(start, start + len(blocks))]
     if not self.cfg.scan_layers or len(blocks) < 2:
-      for block in blocks:
-        x_BxLxD = block(x_BxLxD, pos_BxL, mask_BxLxL)
+      for block, w in zip(blocks, windowed):
+        x_BxLxD = block(x_BxLxD, pos_BxL, masks[w])
       return x_BxLxD
     graphdef, first = nnx.split(blocks[0])
     stacked = jax.tree.map(lambda *ws: jnp.stack(ws), first, *(nnx.state(b) for b in blocks[1:]))
 
-    def body(x_BxLxD, state):
+    def body(x_BxLxD, xs):
+      state, w = xs
+      # one mask for all, or the layer's flag picks between the two (Gemma 2's alternation)
+      mask_BxLxL = masks[windowed[0]] if len(set(windowed)) == 1 else jnp.where(w, *masks[::-1])
       # Nothing else pins the activations inside the loop: without this, XLA's partitioner keeps
       # the FSDP-sharded weights in place and shards the activations on D instead, so every chip
       # holds the whole batch's [B, L, F] MLP activations and all-reduces them.
       x_BxLxD = _batch_sharded(x_BxLxD)
       return _batch_sharded(nnx.merge(graphdef, state)(x_BxLxD, pos_BxL, mask_BxLxL)), None
 
-    return jax.lax.scan(body, x_BxLxD, stacked)[0]
+    return jax.lax.scan(body, x_BxLxD, (stacked, jnp.asarray(windowed)))[0]
 
   def features(self, tokens_BxL: jax.Array, mask_BxL: jax.Array, layer: int, *,
                parts_BxL=None) -> jax.Array:
@@ -326,5 +270,5 @@ class Llama(nnx.Module):
     (the last layer). ``run_from(features(t, m, k), m, k)`` equals ``self(t, m)``."""
     if layer == self.cfg.num_layers:
       return self(tokens_BxL, mask_BxL, parts_BxL=parts_BxL)
-    pos_BxL, mask_BxLxL = positions_and_mask(mask_BxL, self.cfg.sliding_window, parts_BxL)
-    return self._blocks(list(self.layers[:layer]), self.embed(tokens_BxL), pos_BxL, mask_BxLxL)
+    pos_BxL, masks = self._masks(mask_BxL, parts_BxL)
+    return self._blocks(0, list(self.layers[:layer]), self._embed(tokens_BxL), pos_BxL, masks)
