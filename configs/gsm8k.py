@@ -35,6 +35,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.data.files = ""  # preference_jsonl only: 'train=a.jsonl,validation=b.jsonl'
   c.data.max_len = 512  # tokens per sequence; p99 of pairs is ~310 with SmolLM2's tokenizer
   c.data.padding_side = "right"  # 'right' or 'left': rewards do not depend on it
+  c.data.convention = ""  # 'rmjax' (EOS appended), 'hf'; '': hf iff init_from is a classifier
   c.data.buckets = (128, 192, 256, 384, 512)  # batch lengths (one compiled step each); () = max_len
   c.data.sort_window = 16  # batches sorted by length together (1 = no sorting)
   c.data.num_threads = 2  # threads reading + tokenising ahead of the train step

@@ -28,6 +28,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.data.error_kinds = "carry"  # slips in rejected solutions, comma-separated: carry, copy, arith
   c.data.max_len = 48  # tokens per sequence (prompt + response); prompts are cut from the left
   c.data.padding_side = "right"  # 'right' or 'left': rewards do not depend on it
+  c.data.convention = ""  # 'rmjax' (EOS appended), 'hf'; '': hf iff init_from is a classifier
   c.data.buckets = ()  # batch lengths (one compiled step each); () = max_len only
   c.data.sort_window = 1  # batches sorted by length together (1 = no sorting)
   c.data.num_threads = 0  # threads reading + tokenising ahead of the train step (0 = none)

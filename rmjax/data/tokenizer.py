@@ -31,7 +31,7 @@ CONVENTIONS = ("rmjax", "hf")
 
 
 def _hf_config(path: str) -> dict | None:
-  """``config.json`` of the model folder ``path`` (None for a ``.gguf`` or tokenizer-only folder)."""
+  """``config.json`` of the model folder ``path`` (None: a ``.gguf`` or tokenizer-only folder)."""
   cfg = os.path.join(os.path.expanduser(path or ""), "config.json")
   if not path or not os.path.isfile(cfg):
     return None
@@ -152,7 +152,8 @@ class HFTokenizer:
 
   def encode_prompt_response(self, prompt: str, response: str) -> tuple[list[int], list[int]]:
     if self.convention == "hf":
-      return self._split(self.hf(prompt + response).input_ids, self.prefix_ids + self.encode(prompt))
+      return self._split(self.hf(prompt + response).input_ids,
+                         self.prefix_ids + self.encode(prompt))
     return self.prefix_ids + self.encode(prompt), self.encode(response) + [self.eos_id]
 
   def _split(self, ids: list[int], prompt_ids: list[int]) -> tuple[list[int], list[int]]:
