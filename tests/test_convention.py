@@ -96,7 +96,7 @@ def test_hub_classifier_scores_as_transformers(hub, tmp_path, mesh1, batch_size)
 
 
 def test_export_scores_in_plain_transformers(hub, tmp_path, mesh1):
-  folder, _, _ = hub
+  folder, ref, _ = hub
   model, _ = load_model(str(folder), mesh1)
   tokenizer = HFTokenizer(str(folder), "rmjax")  # as an rmjax run reads: EOS appended
   texts = [x["text"] for x in LINES[:1]] + [x["prompt"] + x["response"] for x in LINES[6:]]
@@ -122,6 +122,15 @@ def test_export_scores_in_plain_transformers(hub, tmp_path, mesh1):
   assert rel_err(got, want) < 1e-4, got - want
   # rmjax scores the export (a classifier folder: its tokenizer appends the EOS) as the run did
   assert rel_err(run_score(tmp_path / "x", lines, tmp_path, mesh1, 16), want) < 1e-4
+
+  # a fine-tuned hub classifier ('hf' convention) exports with its own tokenizer and pad id
+  export_reward_model(model, tmp_path / "h", tokenizer=HFTokenizer(str(folder), "hf"))
+  again = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "h").eval()
+  ids = hf_ids(transformers.AutoTokenizer.from_pretrained(tmp_path / "h"), LINES[1])
+  assert ids[-1] == again.config.pad_token_id == 0  # a trailing EOS = pad, skipped by both
+  with torch.no_grad():
+    assert abs(again(input_ids=torch.tensor([ids])).logits[0, 0].item()
+               - ref(input_ids=torch.tensor([ids])).logits[0, 0].item()) < 1e-5
 
   # --normalize: the stats travel in config.json
   stats = reward_stats(str(tmp_path / "x"))
