@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from rmjax import sharding, train_state
-from rmjax.convert import load_reward_model, pretrained_config
+from rmjax.convert import hf, load_reward_model, pretrained_config
 from rmjax.convert.__main__ import main as convert_cli
 from rmjax.convert.export import export_reward_model
 from rmjax.data.tokenizer import ByteTokenizer
@@ -222,3 +222,38 @@ def test_score_file_names_the_bad_line(tmp_path, mesh1):
   with pytest.raises(ValueError, match=r"in.jsonl:3: field 'response' missing"):
     score_file(None, ByteTokenizer(), str(tmp_path / "in.jsonl"), str(tmp_path / "o.jsonl"))
   assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("arch,hf_fields", [
+    ("qwen2", dict(use_sliding_window=True, sliding_window=3, max_window_layers=2)),
+    ("qwen3", dict(use_sliding_window=False, sliding_window=3, max_window_layers=0)),
+    ("qwen3", dict(use_sliding_window=True, sliding_window=3, max_window_layers=0)),
+    ("gemma2", dict(sliding_window=3)),
+])
+def test_sliding_layers_follow_hf(arch, hf_fields):
+  """The windowed layers are those HF windows, with config.json's layer_types or without (older
+  files: HF derives them from use_sliding_window / max_window_layers, Gemma 2 alternates)."""
+  cls, extra = ARCHS[arch]
+  hf_cfg = cls(**{**SMALL, **extra, "num_hidden_layers": 5, **hf_fields})
+  full = hf_cfg.to_dict()
+  for saved in (full, {k: v for k, v in full.items() if k != "layer_types"}):
+    hf_windowed = [t == "sliding_attention" and hf_cfg.sliding_window is not None
+                   for t in cls(**saved).layer_types]
+    cfg = hf.config_from_hf(saved)
+    assert [cfg.windowed(i) for i in range(5)] == hf_windowed
+
+
+def test_unsupported_family_and_multi_label_classifier_are_clear_errors(tmp_path, mesh1):
+  cfg = transformers.LlamaConfig(**SMALL, num_labels=3)
+  transformers.AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path)
+  with pytest.raises(ValueError, match=r"config.json: a sequence classifier with num_labels=3"):
+    pretrained_config(str(tmp_path))
+  config = json.loads((tmp_path / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "phi3"}))
+  with pytest.raises(ValueError, match=r"config.json: model_type='phi3' is not supported; "
+                     r"supported: llama, mistral, qwen2, qwen3, gemma2"):
+    pretrained_config(str(tmp_path))
+  config.pop("num_labels", None)  # config.json says one label, the score tensor has three rows
+  (tmp_path / "config.json").write_text(json.dumps({**config, "id2label": {"0": "reward"}}))
+  with pytest.raises(ValueError, match=r"score.weight has 3 outputs \(num_labels\)"):
+    load_reward_model(str(tmp_path), pretrained_config(str(tmp_path)), mesh1)

@@ -95,3 +95,19 @@ def test_import_onto_8_devices_equals_one(family):
   q = model8.backbone.layers[0].attn.q.kernel[...]
   assert len(q.sharding.device_set) == 8 and q.addressable_shards[0].data.size < q.size
   assert_tree_close({"h": h8, "reward": r8}, {"h": f.h, "reward": f.reward}, rtol=1e-5)
+
+
+def test_init_from_takes_the_family_switches_as_architecture(family):
+  from rmjax import train_state
+  from tests.helpers import tiny_config
+  config = tiny_config("paper")
+  for field in list(config.model):
+    if field not in train_state.ARCH_EXEMPT:
+      setattr(config.model, field, None)  # the architecture comes from the checkpoint
+  config.model.init_from = str(family.folder)
+  assert train_state.model_config(config) == family.model.backbone.cfg
+  flipped = not family.model.backbone.cfg.norm_plus_one  # a switch a config may not override
+  config.model.norm_plus_one = flipped
+  with pytest.raises(ValueError, match=rf"disagrees with the config on model.norm_plus_one="
+                     rf"{flipped}"):
+    train_state.model_config(config)

@@ -17,7 +17,8 @@ from flax.core import spmd as flax_spmd
 from jax.sharding import PartitionSpec as P
 
 from rmjax.indexing import gather_rows
-from rmjax.models.layers import (DTYPES, REMAT_POLICIES, RUN_ONLY_FIELDS,  # noqa: F401 (re-exported)
+# DTYPES, RUN_ONLY_FIELDS and LlamaConfig are imported from here too
+from rmjax.models.layers import (DTYPES, REMAT_POLICIES, RUN_ONLY_FIELDS,  # noqa: F401
                                  LlamaConfig, linear, mlp_activation, rmsnorm, rope,
                                  rope_frequencies, softcapped_attention)
 
