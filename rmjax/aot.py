@@ -207,7 +207,7 @@ def report(config, out: dict) -> str:
     lines += [f"  arguments      {_gib(out['argument_bytes'])}  {_gib(p['params'] + p['optimizer'] + p['batch'])}  params+optimizer+batch",
               f"   (unpadded)    {_gib(out['argument_unpadded_bytes'])}  (XLA pads to its tiled layouts)",
               f"  outputs        {_gib(out['output_bytes'])}  (aliased to arguments: {_gib(out['alias_bytes'])})",
-              f"  temp           {_gib(out['temp_bytes'])}  {_gib(p['gradients'] + p['activations'])}  gradients+activations",
+              f"  temp           {_gib(out['temp_bytes'])}  {_gib(p['gradients'] + p['activations'] + p['weights_in_flight'])}  gradients+activations+weights in flight",
               f"  code           {_gib(out['code_bytes'])}",
               f"  total          {_gib(out['used_bytes'])}  {_gib(out['plan_bytes'])}"]
   else:

@@ -9,8 +9,10 @@
 * batch: the int32 token / mask / response arrays and the margins of this device's rows: exact.
 * activations: what the backward pass keeps per block on a fusing compiler (XLA on GPU/TPU: the
   block input and the matmul outputs; ``_block_bytes``) under the remat policy, plus one block's
-  backward pass and the final hidden states: an estimate (docs/scale.md: against XLA:GPU on an H200;
-  XLA:CPU ignores remat).
+  backward pass and the final hidden states: an estimate (docs/scale.md: against XLA:GPU on an H200
+  and XLA:TPU; XLA:CPU ignores remat).
+* weights in flight: the running block's weights gathered whole over fsdp (or cast) in the compute
+  dtype and their unsharded gradient, plus the layer scan's stacked copy of the weight shards.
 """
 from __future__ import annotations
 
@@ -38,15 +40,17 @@ class MemoryPlan:
   gradients: int
   batch: int
   activations: int
+  weights_in_flight: int = 0  # a block's gathered / cast weights and their unsharded gradient
 
   @property
   def total(self) -> int:
-    return self.params + self.optimizer + self.gradients + self.batch + self.activations
+    return (self.params + self.optimizer + self.gradients + self.batch + self.activations
+            + self.weights_in_flight)
 
   def table(self) -> str:
     rows = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
     rows.append(("total", self.total))
-    return "\n".join(f"{name:<12}{b / MiB:>12.2f} MiB" for name, b in rows)
+    return "\n".join(f"{name:<18}{b / MiB:>12.2f} MiB" for name, b in rows)
 
 
 def abstract_mesh(shape, dcn_shape=None) -> AbstractMesh:
@@ -134,8 +138,16 @@ def plan(config, mesh_shape, dcn_shape=None, *, honours_remat: bool = True) -> M
   top = config.train.get("trainable_top_layers", -1)  # frozen blocks keep nothing for backward
   kept_layers = cfg.num_layers if top < 0 else min(top, cfg.num_layers)
   activations = kept_layers * kept + recompute + final_hidden
+  # the block running holds its weights whole over fsdp (gathered) in the compute dtype, and
+  # their gradient before it is reduce-scattered; a layer scan also stacks the weight shards
+  c = np.dtype(DTYPES[cfg.dtype]).itemsize
+  block = (cfg.dim * cfg.hd * (2 * math.ceil(cfg.num_heads / shards("heads"))
+                               + 2 * math.ceil(cfg.num_kv_heads / shards("kv_heads")))
+           + 3 * cfg.dim * math.ceil(cfg.mlp_dim / shards("mlp")))
+  gathered = shards("embed") > 1 or cfg.dtype != cfg.param_dtype
+  in_flight = 2 * block * c * gathered + params * cfg.scan_layers
   return MemoryPlan(params=params, optimizer=optimizer, gradients=gradients, batch=batch,
-                    activations=activations)
+                    activations=activations, weights_in_flight=in_flight)
 
 
 def with_fields(config, **fields):
@@ -252,10 +264,11 @@ def check_fits(config, mesh_shape, budget: int, where: str = "", *, honours_rema
 
 def versus_xla(plan: MemoryPlan, stats) -> dict[str, tuple[int, int]]:
   """(planned, XLA) bytes per device for ``compiled``'s memory analysis: arguments = parameters
-  + optimiser state + batch (exact); temp = gradients + activations (XLA's temp also holds its
-  scratch)."""
+  + optimiser state + batch (exact); temp = gradients + activations + weights in flight (XLA's
+  temp also holds its scratch)."""
   return {"arguments": (plan.params + plan.optimizer + plan.batch, stats.argument_size_in_bytes),
-          "temp": (plan.gradients + plan.activations, stats.temp_size_in_bytes)}
+          "temp": (plan.gradients + plan.activations + plan.weights_in_flight,
+                   stats.temp_size_in_bytes)}
 
 
 def compiled(config, mesh: jax.sharding.Mesh):
