@@ -14,6 +14,13 @@ AUROC of reward vs correctness over the distinct solutions (one in several pairs
 problem with final answers (``rmjax.eval.voting``); pair data has one correct and one incorrect per
 problem, so eval.json says it was skipped.
 
+  python -m rmjax.evaluate --model=M --solutions=FILE.jsonl [--threshold=0|mean] [--out=DIR]
+
+evaluates any labelled single solutions instead (``rmjax.eval.solutions``: one line per solution,
+each scored once with ``rmjax.score``): ``--model`` is whatever ``rmjax.score`` reads (an rmjax run,
+an exported loss-lab run, a Hugging Face folder, a ``.gguf``). Written: ``scored.jsonl``,
+``eval.json``, ``eval.md``, ``reward_hist.png``, ``roc.png``.
+
 # N: sequences, L: sequence length, D: model dim
 """
 from __future__ import annotations
@@ -25,11 +32,13 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from rmjax import sharding
+from rmjax import score, sharding
 from rmjax.checkpoint import resolve_run, restore_state, write_json
 from rmjax.data import sources
 from rmjax.data.pipeline import encode_pair, encode_sequence, kept_prefix
+from rmjax.data.readers import iter_jsonl
 from rmjax.eval import goal as goal_lib, localize, plots
+from rmjax.eval import solutions as solutions_lib
 from rmjax.eval.metrics import (auroc, auroc_ci, markdown_table, preference_metrics,
                                 unique_solutions)
 from rmjax.train_state import merge, model_config
@@ -204,6 +213,53 @@ def evaluate(config, checkpoint: str, out_dir: str | None = None, *, goal_exampl
   return result
 
 
+def stored_mean(model: str) -> float:
+  """The validation reward mean a trained run stored (``reward_stats.json``, ``rmjax.train``)."""
+  workdir = resolve_run(model)[2] if os.path.isdir(model) else model
+  path = os.path.join(workdir if os.path.exists(os.path.join(workdir, "config.json")) else model,
+                      "reward_stats.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: missing; --threshold=mean needs an rmjax run that stored its "
+                            "reward statistics (rmjax.train writes them); give a number")
+  with open(path) as f:
+    return float(json.load(f)["mean"])
+
+
+def evaluate_solutions(model: str, solutions_path: str, out_dir: str | None = None, *,
+                       threshold: float | str = 0.0, n_boot: int = 1000, seed: int = 0,
+                       batch_size: int = 16, max_len: int = 2048) -> dict:
+  """Scores every labelled solution of ``solutions_path`` once with ``model`` (``rmjax.score``)
+  and reports ``rmjax.eval.solutions.solution_metrics``; ``threshold``: a number, or ``"mean"``
+  (the run's ``stored_mean``). Writes ``scored.jsonl``, ``eval.json``, ``eval.md`` and plots."""
+  labels, problems = solutions_lib.read_labels(solutions_path)  # bad lines before any model
+  if threshold == "mean":
+    threshold = stored_mean(model)
+  out_dir = out_dir or os.path.splitext(solutions_path)[0] + "_eval"
+  os.makedirs(out_dir, exist_ok=True)
+  scored = os.path.join(out_dir, "scored.jsonl")
+  mesh = sharding.make_mesh((-1, 1, 1))
+  with sharding.use_mesh(mesh):
+    rm, tokenizer = score.load_model(model, mesh)
+    score.score_file(rm, tokenizer, solutions_path, scored, batch_size=batch_size,
+                     max_len=max_len, mesh=mesh)
+  rewards = np.asarray([r["reward"] for _, r in iter_jsonl(scored)], np.float64)
+  result = {"model": model, "solutions": solutions_path, "scored": scored,
+            **solutions_lib.solution_metrics(rewards, labels, problems, threshold=float(threshold),
+                                             n_boot=n_boot, seed=seed)}
+  result["plots"] = [
+      plots.reward_histogram(os.path.join(out_dir, "reward_hist.png"), rewards, labels),
+      plots.roc_curve(os.path.join(out_dir, "roc.png"), rewards, labels, result["auroc"])]
+  ci = result["auroc_ci"]
+  with open(os.path.join(out_dir, "eval.md"), "w") as f:
+    f.write(markdown_table([{
+        "solutions": os.path.basename(solutions_path), "n": result["n_solutions"],
+        "problems": result["n_problems"],
+        "AUROC [95% CI]": f"{ci['auroc']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]",
+        f"accuracy (reward > {result['threshold']:.3g})": result["accuracy"]}]))
+  write_json(os.path.join(out_dir, "eval.json"), result, indent=2)
+  return result
+
+
 def _plot_traces(path, q_traces, error_N, num_traces: int, threshold: float) -> str:
   """The first ``num_traces // 2`` pairs: correct (chosen) and incorrect (first error marked)."""
   n = min(max(num_traces // 2, 1), len(error_N))
@@ -222,20 +278,47 @@ def _cli():
   config = config_flags.DEFINE_config_file("config", None, "Training config file [:arg].",
                                            lock_config=True)
   checkpoint = flags.DEFINE_string("checkpoint", None, "Workdir, its checkpoints/ or a step dir.")
-  out = flags.DEFINE_string("out", None, "Output folder (default <workdir>/evaluate).")
+  model = flags.DEFINE_string("model", None, "With --solutions: an rmjax run, HF folder or .gguf.")
+  solutions = flags.DEFINE_string("solutions", None, "JSONL of labelled single solutions: "
+                                  "prompt+response, text or messages, with label (and problem_id).")
+  out = flags.DEFINE_string("out", None, "Output folder (default <workdir>/evaluate; with "
+                            "--solutions, <FILE>_eval).")
   goal_examples = flags.DEFINE_integer(
       "goal_examples", 512, "Training pairs whose chosen (correct) responses define the goal.")
   n_boot = flags.DEFINE_integer("n_boot", 1000, "Bootstrap draws for the AUROC interval.")
   hit_k = flags.DEFINE_integer("hit_k", 3, "Localisation window: the first error + k-1 tokens.")
-  threshold = flags.DEFINE_float("threshold", 0.0, "Q_t threshold of the 'below' rule.")
-  flags.mark_flags_as_required(["config", "checkpoint"])
+  threshold = flags.DEFINE_string("threshold", "0.0", "Q_t threshold of the 'below' rule; with "
+                                  "--solutions, the reward above which a solution counts as "
+                                  "correct ('mean': the run's stored validation mean).")
+  batch_size = flags.DEFINE_integer("batch_size", 16, "With --solutions: sequences per pass.")
+  max_len = flags.DEFINE_integer("max_len", 2048, "With --solutions: longest sequence.")
 
   def main(argv):
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it reads at INFO
-    result = evaluate(config.value, checkpoint.value, out.value, goal_examples=goal_examples.value,
-                      n_boot=n_boot.value, hit_k=hit_k.value, threshold=threshold.value)
-    print(json.dumps({k: result[k] for k in ("step", "pairwise_accuracy", "auroc", "auroc_ci")}))
+    if solutions.value:
+      if not model.value or checkpoint.value:
+        raise app.UsageError("--solutions scores with --model (not --checkpoint)")
+      result = evaluate_solutions(
+          model.value, solutions.value, out.value, n_boot=n_boot.value,
+          threshold=threshold.value if threshold.value == "mean" else _number(threshold.value),
+          batch_size=batch_size.value, max_len=max_len.value)
+      keys = ("n_solutions", "n_problems", "auroc", "auroc_ci", "threshold", "accuracy")
+    else:
+      if config.value is None or not checkpoint.value:
+        raise app.UsageError("give --config and --checkpoint (held-out pairs), or --model and "
+                             "--solutions (a labelled solutions file)")
+      result = evaluate(config.value, checkpoint.value, out.value,
+                        goal_examples=goal_examples.value, n_boot=n_boot.value,
+                        hit_k=hit_k.value, threshold=_number(threshold.value))
+      keys = ("step", "pairwise_accuracy", "auroc", "auroc_ci")
+    print(json.dumps({k: result[k] for k in keys}))
+
+  def _number(text: str) -> float:
+    try:
+      return float(text)
+    except ValueError:
+      raise app.UsageError(f"--threshold={text!r}: expected a number or 'mean'") from None
 
   app.run(main)
 
