@@ -1,4 +1,5 @@
 """HF safetensors / GGUF import and HF export, against transformers' PyTorch models on CPU."""
+import dataclasses
 import importlib.util
 import json
 import os
@@ -15,6 +16,7 @@ from rmjax.convert.__main__ import main as convert_cli
 from rmjax.convert.export import export_reward_model
 from rmjax.data.tokenizer import ByteTokenizer
 from rmjax.score import score_file
+from tests.helpers import assert_tree_close
 
 SMALL = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
@@ -257,3 +259,47 @@ def test_unsupported_family_and_multi_label_classifier_are_clear_errors(tmp_path
   (tmp_path / "config.json").write_text(json.dumps({**config, "id2label": {"0": "reward"}}))
   with pytest.raises(ValueError, match=r"score.weight has 3 outputs \(num_labels\)"):
     load_reward_model(str(tmp_path), pretrained_config(str(tmp_path)), mesh1)
+
+
+def write_gguf(model, arch: str, path) -> str:
+  """An HF causal LM as llama.cpp's convert_hf_to_gguf writes a Qwen model: its metadata keys,
+  the tensor names of gguf's own TensorNameMap, float32, Q/K rows not permuted (NeoX rope)."""
+  import gguf
+  c = model.config
+  w = gguf.GGUFWriter(str(path), arch)
+  w.add_block_count(c.num_hidden_layers)
+  w.add_context_length(c.max_position_embeddings)
+  w.add_embedding_length(c.hidden_size)
+  w.add_feed_forward_length(c.intermediate_size)
+  w.add_head_count(c.num_attention_heads)
+  w.add_head_count_kv(c.num_key_value_heads)
+  w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+  w.add_layer_norm_rms_eps(c.rms_norm_eps)
+  if getattr(c, "head_dim", None):  # as the converter: only when config.json has one
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+  names = gguf.TensorNameMap(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
+  for name, t in model.state_dict().items():
+    if name == "lm_head.weight" and c.tie_word_embeddings:
+      continue  # a tied model's safetensors have no lm_head, nor its GGUF an output.weight
+    w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")),
+                 t.numpy().astype(np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return str(path)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_gguf_matches_pytorch(arch, tmp_path, mesh1):
+  pytest.importorskip("gguf")
+  ref = save_tiny(arch, tmp_path / "hf", std=0.3)
+  path = write_gguf(ref, arch, tmp_path / "m.gguf")
+  cfg, hf_cfg = pretrained_config(path), pretrained_config(str(tmp_path / "hf"))
+  assert cfg.norm_eps == pytest.approx(hf_cfg.norm_eps)  # GGUF keeps a float32
+  assert dataclasses.replace(cfg, norm_eps=hf_cfg.norm_eps) == hf_cfg
+  tokens, mask = padded_batch()
+  _, _, h = rmjax_forward(path, mesh1, tokens, mask)
+  real = mask.astype(bool)
+  assert_tree_close(h[real], torch_hidden(ref, tokens, mask)[real], rtol=1e-4)

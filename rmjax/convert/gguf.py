@@ -1,7 +1,11 @@
-"""llama.cpp GGUF files (Llama-architecture) -> rmjax: metadata to config, tensors dequantised.
+"""llama.cpp GGUF files -> rmjax: metadata to config, tensors dequantised.
 
-llama.cpp's converter stores the Q and K projection rows permuted (interleaved rotary pairs); we
-undo it so the weights match the rotate-half layout of Hugging Face and rmjax.
+Architectures: ``llama`` (Llama, SmolLM2, Mistral-style without a window), ``qwen2`` (QKV bias)
+and ``qwen3`` (q/k norm). llama.cpp's converter stores a ``llama`` model's Q and K projection rows
+permuted (interleaved rotary pairs); we undo it so the weights match the rotate-half layout of
+Hugging Face and rmjax. Qwen models are stored unpermuted (llama.cpp runs them with NeoX rope).
+Gemma 2 is not read: its GGUF lacks ``query_pre_attn_scalar`` and the window's layer pattern
+(llama.cpp hard-codes both per model size).
 """
 from __future__ import annotations
 
@@ -10,6 +14,9 @@ from collections.abc import Callable
 import numpy as np
 
 from rmjax.models import LlamaConfig
+
+# GGUF general.architecture -> the LlamaConfig switches it sets (as rmjax.convert.hf.FAMILIES)
+ARCHITECTURES = {"llama": {}, "qwen2": {"qkv_bias": True}, "qwen3": {"qk_norm": True}}
 
 
 def _field(reader, key: str, default=None):
@@ -23,20 +30,23 @@ def _field(reader, key: str, default=None):
 
 def config_from_gguf(reader, **overrides) -> LlamaConfig:
   arch = _field(reader, "general.architecture")
-  if arch != "llama":
-    raise ValueError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
-  heads = int(_field(reader, "llama.attention.head_count"))
-  dim = int(_field(reader, "llama.embedding_length"))
+  if arch not in ARCHITECTURES:
+    raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: "
+                     f"{', '.join(ARCHITECTURES)}")
+  heads = int(_field(reader, f"{arch}.attention.head_count"))
+  dim = int(_field(reader, f"{arch}.embedding_length"))
   embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
+  head_dim = _field(reader, f"{arch}.attention.key_length",
+                    _field(reader, f"{arch}.rope.dimension_count", dim // heads))
   fields = dict(
-      vocab_size=int(embed.shape[1]), dim=dim, num_layers=int(_field(reader, "llama.block_count")),
-      num_heads=heads, num_kv_heads=int(_field(reader, "llama.attention.head_count_kv", heads)),
-      head_dim=int(_field(reader, "llama.rope.dimension_count", dim // heads)),
-      mlp_dim=int(_field(reader, "llama.feed_forward_length")),
-      rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
-      norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
-      tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors))
-  if "llama.rope.scaling.type" in reader.fields:
+      vocab_size=int(embed.shape[1]), dim=dim, num_layers=int(_field(reader, f"{arch}.block_count")),
+      num_heads=heads, num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
+      head_dim=int(head_dim), mlp_dim=int(_field(reader, f"{arch}.feed_forward_length")),
+      rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+      norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
+      tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
+      **ARCHITECTURES[arch])
+  if f"{arch}.rope.scaling.type" in reader.fields:
     raise ValueError("GGUF rope scaling is not supported")
   fields.update(overrides)
   return LlamaConfig(**fields)
@@ -67,6 +77,8 @@ def gguf_tensor_getters(path: str, cfg: LlamaConfig
       w = unpermute_rows(w, heads)
     return w.T if transpose else w
 
+  permuted = reader.fields["general.architecture"].contents() == "llama"
+  q_heads, k_heads = (cfg.num_heads, cfg.num_kv_heads) if permuted else (0, 0)
   plan = {"backbone/embed/embedding": ("token_embd.weight", False, 0),
           "backbone/final_norm/scale": ("output_norm.weight", False, 0)}
   for i in range(cfg.num_layers):
@@ -74,14 +86,18 @@ def gguf_tensor_getters(path: str, cfg: LlamaConfig
     plan.update({
         f"{ours}/attn_norm/scale": (f"{blk}.attn_norm.weight", False, 0),
         f"{ours}/mlp_norm/scale": (f"{blk}.ffn_norm.weight", False, 0),
-        f"{ours}/attn/q/kernel": (f"{blk}.attn_q.weight", True, cfg.num_heads),
-        f"{ours}/attn/k/kernel": (f"{blk}.attn_k.weight", True, cfg.num_kv_heads),
+        f"{ours}/attn/q/kernel": (f"{blk}.attn_q.weight", True, q_heads),
+        f"{ours}/attn/k/kernel": (f"{blk}.attn_k.weight", True, k_heads),
         f"{ours}/attn/v/kernel": (f"{blk}.attn_v.weight", True, 0),
         f"{ours}/attn/o/kernel": (f"{blk}.attn_output.weight", True, 0),
         f"{ours}/mlp/gate/kernel": (f"{blk}.ffn_gate.weight", True, 0),
         f"{ours}/mlp/up/kernel": (f"{blk}.ffn_up.weight", True, 0),
         f"{ours}/mlp/down/kernel": (f"{blk}.ffn_down.weight", True, 0),
     })
+    for a in ("q", "k", "v") if cfg.qkv_bias else ():
+      plan[f"{ours}/attn/{a}/bias"] = (f"{blk}.attn_{a}.bias", False, 0)
+    for a in ("q", "k") if cfg.qk_norm else ():
+      plan[f"{ours}/attn/{a}_norm/scale"] = (f"{blk}.attn_{a}_norm.weight", False, 0)
 
   def getter(args):
     cache = {}
