@@ -90,12 +90,18 @@ def reward_stats(path: str) -> dict:
     stats = {k: config.get(f"rmjax_reward_{k}") for k in ("mean", "std")}
     missing = "no rmjax_reward_mean / rmjax_reward_std (export writes them from a run's stats)"
   elif os.path.isdir(path):
-    where = os.path.join(resolve_run(path)[2], "reward_stats.json")
+    directory, step, workdir = resolve_run(path)
+    where = os.path.join(workdir, "reward_stats.json")
     stats = {}
     if os.path.exists(where):
       with open(where) as f:
         stats = json.load(f)
     missing = "missing (training writes it at its end; rerun or resume the run to make it)"
+    steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
+    step = step if step is not None else max(steps, default=None)
+    if stats.get("step") is not None and step is not None and stats["step"] != step:
+      raise ValueError(f"--normalize: {where}: stats of step {stats['step']}, but the checkpoint "
+                       f"scored is step {step}")
   else:
     where, stats, missing = path, {}, "a .gguf file carries no reward stats"
   if stats.get("mean") is None or stats.get("std") is None:

@@ -168,6 +168,11 @@ def test_normalize_needs_stored_stats(hub, tmp_path):
   (run / "reward_stats.json").write_text(json.dumps(
       {"mean": -1.0, "std": 0.25, "split": "validation", "n": 64, "step": 10}))
   assert reward_stats(str(run))["std"] == 0.25
+  (run / "checkpoints" / "10").mkdir()
+  (run / "checkpoints" / "12").mkdir()
+  assert reward_stats(str(run / "checkpoints" / "10"))["mean"] == -1.0
+  with pytest.raises(ValueError, match="stats of step 10, but the checkpoint scored is step 12"):
+    reward_stats(str(run))
   (run / "reward_stats.json").write_text(json.dumps({"mean": 1.0, "std": 0.0}))
   with pytest.raises(ValueError, match="std > 0"):
     reward_stats(str(run))

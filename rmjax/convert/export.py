@@ -63,6 +63,9 @@ def export_tokenizer(tokenizer, out_dir: str) -> int:
   """Saves a copy of the rmjax ``HFTokenizer``'s tokenizer that encodes as rmjax reads (module
   docstring); returns the pad id the exported config must carry."""
   from transformers import AutoTokenizer
+  if not hasattr(tokenizer, "convention"):
+    raise TypeError(f"export: tokenizer must be rmjax's HFTokenizer (rmjax.data.sources."
+                    f"make_tokenizer), which knows the run's convention; got {type(tokenizer)}")
   hf_tok = copy.deepcopy(tokenizer.hf)
   keys = {}
   if tokenizer.convention == "hf":  # HF already reads where rmjax does: keep its pad id

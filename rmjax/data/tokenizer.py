@@ -88,6 +88,7 @@ class ByteTokenizer:
   """UTF-8 bytes; id 0 (NUL) is padding, so text must not contain NUL."""
   vocab_size = 256
   pad_id = 0
+  convention = "rmjax"  # no special tokens: the two conventions encode alike
 
   def encode(self, text: str) -> list[int]:
     ids = list(text.encode("utf-8"))
