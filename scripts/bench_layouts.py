@@ -8,8 +8,9 @@
 
 For each dataset (skipped when ``--source_dir`` lacks its file) the script takes ``--batches``
 training batches from the real pipeline (SmolLM2's tokenizer, the config's bucketing and length
-sorting; ``--max_len`` per dataset keeps a CPU run short). Both layouts train on the same pairs in
-the same batches (``data.layout`` changes only how a batch is laid out). Each contestant (dataset x
+sorting with ``sort_window = --batches``, so the batches are one sort window; ``--max_len`` per
+dataset keeps a CPU run short). Both layouts train on the same pairs: the window's, sorted by the
+length of the rows each runs. Each contestant (dataset x
 loss x layout) is the trainer's jitted step (``train.jit_train_step``: AdamW, clipping, the sparse
 last block) on a SmolLM2-135M-shaped model with random weights and ``--layers`` of its 30 blocks,
 compiled for every batch shape before timing. Then ``--rounds`` rounds each run every
@@ -18,8 +19,8 @@ shared machine; the figures are medians over rounds, speedups medians of per-rou
 
 Printed per contestant: pairs/s; real tokens/s (the pairs' non-pad tokens, the same data for
 both layouts); XLA's cost-analysis FLOPs per pair (mean over the batches); the padding share of
-the rows the model runs; the first step's loss (both layouts start from the same state: equal up
-to float32 rounding). The last line is one JSON object: ``hh_speedup``, ``gsm8k_speedup`` (the
+the rows the model runs. Before timing, each loss is evaluated on one batch in both layouts from
+the same weights (equal up to float32 rounding). The last line is one JSON object: ``hh_speedup``, ``gsm8k_speedup`` (the
 lower over the losses of ``shared_prompt`` pairs/s over ``pairs``), and every figure.
 """
 from __future__ import annotations
@@ -50,7 +51,7 @@ _MAX_LEN = flags.DEFINE_list("max_len", ["hh_rlhf=512", "gsm8k_solutions=320"],
                              "data.max_len per dataset (buckets above it are dropped).")
 _LAYERS = flags.DEFINE_integer("layers", 4, "Decoder blocks (SmolLM2-135M has 30).")
 _PAIRS = flags.DEFINE_integer("pairs", 8, "B: pairs per batch.")
-_BATCHES = flags.DEFINE_integer("batches", 4, "Batches per contestant and round.")
+_BATCHES = flags.DEFINE_integer("batches", 8, "Batches per contestant and round (one sort window).")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds.")
 
 
@@ -69,11 +70,10 @@ def make_config(dataset: str, loss: str, layout: str):
 
 
 def take_batches(config) -> list[dict]:
-  """``--batches`` shared-prompt batches from the training pipeline (its pair fields are the
-  ``pairs`` layout's batch)."""
+  """The first sort window of the training pipeline: ``--batches`` batches."""
   from rmjax.data import sources
   from rmjax.data.pipeline import train_dataset
-  opts = sources.pipeline_options(config)
+  opts = {**sources.pipeline_options(config), "sort_window": _BATCHES.value}
   it = iter(train_dataset(sources.make_source(config, "train"), sources.make_tokenizer(config),
                           global_batch_size=config.train.batch_size,
                           max_len=config.data.max_len, seed=config.seed,
@@ -81,9 +81,17 @@ def take_batches(config) -> list[dict]:
   return [next(it) for _ in range(_BATCHES.value)]
 
 
-def as_layout(batch: dict, layout: str) -> dict:
-  return batch if layout == "shared_prompt" else {
-      k: v for k, v in batch.items() if not k.startswith("shared_")}
+def loss_check(config, batch: dict) -> tuple[float, float]:
+  """The objective's loss on ``batch`` laid out as pairs and as shared-prompt rows."""
+  import jax
+
+  from rmjax import objective, sharding, train_state
+  terms = objective.build_terms(config.loss)
+  with sharding.use_mesh(sharding.make_mesh((1, 1, 1), jax.devices()[:1])):
+    model, _ = train_state.merge(*train_state.create_state(config))
+    loss = jax.jit(lambda b: objective.objective(model, b, jax.random.key(0), terms)[0])
+    pairs = {k: v for k, v in batch.items() if not k.startswith("shared_")}
+    return float(loss(pairs)), float(loss(batch))
 
 
 def padding_share(batches: list[dict]) -> float:
@@ -115,7 +123,6 @@ class Contestant:
       self.compile_s = time.perf_counter() - t0
       self.shapes = [tuple(sorted((k, v.shape) for k, v in b.items())) for b in self.batches]
     self.flops_per_pair = float(np.mean(flops)) / config.train.batch_size
-    self.first_loss = None
 
   def __call__(self) -> float:
     """Seconds for one step on each batch."""
@@ -123,8 +130,6 @@ class Contestant:
     t0 = time.perf_counter()
     for shape, b in zip(self.shapes, self.batches):
       self.state, metrics = self.compiled[shape](self.state, b)
-      if self.first_loss is None:
-        self.first_loss = float(jax.device_get(metrics["loss"]))
     jax.block_until_ready((self.state, metrics))
     return time.perf_counter() - t0
 
@@ -141,15 +146,20 @@ def main(argv):
     if not os.path.exists(os.path.join(_SOURCE_DIR.value, path)):
       print(f"# {dataset}: skipped, {path} not in {_SOURCE_DIR.value}")
       continue
-    batches = take_batches(make_config(dataset, _LOSSES.value[0], "shared_prompt"))
-    real = sum(int(b["mask"].sum()) for b in batches)
+    batches = {layout: take_batches(make_config(dataset, _LOSSES.value[0], layout))
+               for layout in LAYOUTS}
+    real = sum(int(b["mask"].sum()) for b in batches["pairs"])
+    assert real == sum(int(b["mask"].sum()) for b in batches["shared_prompt"])  # the same pairs
     pairs = _BATCHES.value * _PAIRS.value
     contestants = {}
     for loss in _LOSSES.value:
+      lp, ls = loss_check(make_config(dataset, loss, "pairs"), batches["shared_prompt"][0])
+      print(f"# {dataset} {loss}: loss on one batch, pairs {lp:.7f}, shared_prompt {ls:.7f} "
+            f"(relative difference {abs(ls - lp) / abs(lp):.1e})", flush=True)
+      results[f"{short}_{loss}_loss_relative_difference"] = abs(ls - lp) / abs(lp)
       for layout in LAYOUTS:
         config = make_config(dataset, loss, layout)
-        contestants[loss, layout] = c = Contestant(config, [as_layout(b, layout)
-                                                            for b in batches])
+        contestants[loss, layout] = c = Contestant(config, batches[layout])
         print(f"# {dataset} {loss} {layout}: compiled {len(c.compiled)} shapes in "
               f"{c.compile_s:.0f} s", flush=True)
     seconds = {k: [] for k in contestants}
@@ -162,16 +172,15 @@ def main(argv):
       results[f"{short}_{loss}_{layout}"] = r = {
           "pairs_per_s": pairs / float(np.median(s)), "real_tokens_per_s": real / np.median(s),
           "gflops_per_pair": c.flops_per_pair / 1e9, "speedup": ratio,
-          "padding": padding_share([as_layout(b, layout) for b in batches]),
-          "first_loss": c.first_loss}
+          "padding": padding_share(batches[layout])}
       rows.append(f"| {dataset} | {loss} | {layout} | {r['pairs_per_s']:.2f} | "
-                  f"{r['real_tokens_per_s']:,.0f} | {r['gflops_per_pair']:.1f} | "
-                  f"{r['padding']:.1%} | {ratio:.2f}x | {c.first_loss:.6f} |")
+                  f"{r['real_tokens_per_s']:,.0f} | {r['gflops_per_pair']:.2f} | "
+                  f"{r['padding']:.1%} | {ratio:.2f}x |")
     results[f"{short}_speedup"] = min(results[f"{short}_{loss}_shared_prompt"]["speedup"]
                                       for loss in _LOSSES.value)
   print("| dataset | loss | layout | pairs/s | real tokens/s | GFLOPs/pair | padding | "
-        "speedup | first loss |")
-  print("|---|---|---|---|---|---|---|---|---|")
+        "speedup |")
+  print("|---|---|---|---|---|---|---|---|")
   print("\n".join(rows))
   print(json.dumps({"hh_speedup": results.pop("hh_speedup", None),
                     "gsm8k_speedup": results.pop("gsm8k_speedup", None), **results}))

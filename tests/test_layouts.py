@@ -12,6 +12,7 @@ from rmjax.data.synthetic import SyntheticMath
 from rmjax.data.tokenizer import ByteTokenizer
 from rmjax.models.llama import positions_and_mask
 from tests.helpers import assert_tree_close, pair_batch, tiny_config
+from tests.test_golden import GOLDEN
 
 
 def shared_batch(batch: dict, padding_side: str) -> dict:
@@ -115,22 +116,45 @@ def test_train_step_with_accumulation_on_8_devices_is_the_same():
   assert_tree_close(results[1][0], results[0][0], rtol=1e-5)
 
 
-def test_pipeline_gives_the_same_batches_and_resumes_exactly():
-  """Either layout: the same pairs in the same batches (bucketed, sorted); the shared rows fit
-  a bucket or a sum of two; the iterator state restores the exact next batch."""
+def test_one_training_step_gives_the_golden_values(mesh1):
+  """tests/test_golden.py's step and pairs, laid out as shared-prompt rows."""
+  config = tiny_config("paper")
+  graphdef, state = train_state.create_state(config)
+  step = jax.jit(train.make_train_step(graphdef, objective.build_terms(config.loss),
+                                       accum_steps=1, seed=0))
+  batch = shared_batch(pair_batch(8, max_len=config.data.max_len, split="train"), "right")
+  _, metrics = step(state, sharding.host_to_global(batch, mesh1))
+  for k, want in GOLDEN["paper"].items():
+    assert float(metrics[k]) == pytest.approx(want, rel=1e-4), k
+
+
+def test_pipeline_gives_the_same_pairs_and_resumes_exactly():
+  """Either layout: the same pairs in each sort window (in the same batches without sorting);
+  sorted on the shared rows' lengths, trimmed to a bucket or a sum of two; the iterator state
+  restores the exact next batch."""
   src, tok = SyntheticMath(64, split="validation"), ByteTokenizer()
-  make = lambda layout: iter(train_dataset(src, tok, global_batch_size=4, max_len=48, seed=3,
-                                           buckets=(16, 32), sort_window=4, layout=layout))
-  pairs, shared = make("pairs"), make("shared_prompt")
-  for _ in range(3):
+  make = lambda layout, window: iter(train_dataset(
+      src, tok, global_batch_size=4, max_len=48, seed=3, buckets=(16, 32), sort_window=window,
+      layout=layout))
+  pairs, shared = make("pairs", 1), make("shared_prompt", 1)
+  for _ in range(2):
     p, s = next(pairs), next(shared)
     for k, v in p.items():
       np.testing.assert_array_equal(s[k], v, err_msg=k)
-    width, longest = s["shared_tokens"].shape[1], s["shared_mask"].sum(-1).max()
+  pairs, shared = make("pairs", 4), make("shared_prompt", 4)
+  window = lambda it: [next(it) for _ in range(4)]
+  real = lambda batches: sorted(b["tokens"][i, k][b["mask"][i, k] == 1].tobytes()
+                                for b in batches for i in range(4) for k in (0, 1))
+  p, s = window(pairs), window(shared)
+  assert real(s) == real(p)
+  ranges = sorted((b["shared_mask"].sum(-1).min(), b["shared_mask"].sum(-1).max()) for b in s)
+  assert all(hi <= lo for (_, hi), (lo, _) in zip(ranges, ranges[1:]))  # sorted, then cut
+  for b in s:
+    width, longest = b["shared_tokens"].shape[1], b["shared_mask"].sum(-1).max()
     assert width in (16, 32, 48, 64, 80, 96) and longest <= width < longest + 16
   state = shared.get_state()
   want = next(shared)
-  resumed = make("shared_prompt")
+  resumed = make("shared_prompt", 4)
   resumed.set_state(state)
   got = next(resumed)
   for k in want:

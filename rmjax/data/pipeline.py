@@ -28,8 +28,10 @@ holds at most ``2 * max_len`` tokens.
 Length bucketing (``buckets``): each training batch is trimmed to the smallest bucket length that
 holds its longest row (over all processes' shares of the global batch, which must agree on a
 shape), so the train step compiles once per bucket (a handful of shapes), and
-``sort_window`` batches at a time are sorted by length before being cut into batches (whose order
-is then shuffled), so a batch holds rows of similar length and little padding.
+``sort_window`` batches at a time are sorted by length (of the rows the model runs: a pair's longer
+sequence, or its shared row) before being cut into batches (whose order is then shuffled), so a
+batch holds rows of similar length and little padding. Both layouts train on the same pairs in
+each window; with ``sort_window=1`` in the same batches.
 """
 from __future__ import annotations
 
@@ -131,6 +133,13 @@ def share_prompt(pair: dict, pad_id: int) -> dict:
           "shared_parts": np.pad(parts, (0, pad)).astype(np.int32), "shared_index": index}
 
 
+def model_lengths(batch: dict) -> np.ndarray:
+  """Per pair, the longest row the model runs for it: its shared row, or its longer sequence."""
+  if "shared_mask" in batch:
+    return batch["shared_mask"].astype(bool).sum(-1)
+  return batch["mask"].sum(-1).max(-1)
+
+
 def trim(batch: dict, length: int, padding_side: str) -> dict:
   """The batch with its sequence axis cut to ``length`` (only padding is removed); the shared
   rows (``share_prompt``) keep theirs (``trim_shared``)."""
@@ -165,7 +174,7 @@ class BucketTrim:
     longest = process_max(int(batch["mask"].sum(-1).max()))
     batch = trim(batch, next(b for b in self.buckets if b >= longest), self.padding_side)
     if "shared_mask" in batch:
-      longest = process_max(int(batch["shared_mask"].astype(bool).sum(-1).max()))
+      longest = process_max(int(model_lengths(batch).max()))
       batch = trim_shared(batch, next(b for b in self.shared_buckets if b >= longest))
     return batch
 
@@ -180,7 +189,7 @@ class Batcher(grain.experimental.FlatMapTransform):
   def flat_map(self, indexed_window):
     index, rows = indexed_window
     if self.window > 1:
-      lengths_N = rows["mask"].sum(-1).max(-1)  # either layout: the same batches
+      lengths_N = model_lengths(rows)
       order = np.argsort(lengths_N, kind="stable")
       rows = {k: v[order] for k, v in rows.items()}
     batches = [{k: v[i:i + self.batch_size] for k, v in rows.items()}
