@@ -86,6 +86,12 @@ class FeatureSource:
     self._lock = threading.Lock()  # grain reads from threads; np.load's header parse is not
     # thread-safe on CPython 3.11 ("AST constructor recursion depth mismatch")
 
+  @staticmethod
+  def splits(directory: str) -> dict[str, int]:
+    """The cached splits of ``directory`` and their sizes in pairs."""
+    with open(os.path.join(directory, "meta.json")) as f:
+      return json.load(f)["splits"]
+
   def __getstate__(self):  # for grain worker processes: reopen the shards there
     return {**self.__dict__, "_open": {}, "_lock": None}
 

@@ -6,7 +6,8 @@ layer, joined to the lab's trained top (blocks from the layer up, final norm, he
 
 ``--params`` is a lab run's saved top (``loss_lab.run(save_to=...)``, e.g. ``scripts/
 experiment_gsm8k.py``'s ``<name>.npz``). ``--out`` becomes an rmjax run folder (``config.json``,
-``checkpoints/0/``, ``lab_export.json``): ``rmjax.score --model=OUT``, ``rmjax.evaluate``,
+``checkpoints/0/``, ``lab_export.json``, and ``reward_stats.json`` from the lab's evaluation
+of the cached validation split): ``rmjax.score --model=OUT``, ``rmjax.evaluate``,
 ``rmjax.checkpoint.load_trained`` and ``rmjax.convert export-hf`` read it like a trained run.
 ``--hf_out`` also writes a Hugging Face sequence-classifier folder (``rmjax.convert.export``).
 
@@ -28,9 +29,11 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from rmjax import sharding
-from rmjax.cache_features import top_param_paths, weights_sha256
+from rmjax.cache_features import FeatureSource, top_param_paths, weights_sha256
 from rmjax.checkpoint import write_json
-from rmjax.loss_lab import lab_config
+from rmjax.eval.metrics import reward_stats, unique_solutions
+from rmjax.loss_lab import lab_config, lab_state, pair_rewards
+from rmjax.train import make_eval_step
 from rmjax.train_state import make_optimizer, trainable_filter
 
 STEP = 0  # the exported run's only checkpoint
@@ -88,6 +91,20 @@ def put_top(model, params_path: str, layer: int) -> None:
   nnx.update(model, nnx.from_flat_state(flat))
 
 
+def validation_stats(features_dir: str, params_path: str, mesh, batch_size: int = 8) -> dict:
+  """``reward_stats.json`` as ``rmjax.train`` writes it, from the lab's own evaluation: the
+  rewards of the distinct cached validation solutions under the saved top."""
+  config, source = lab_config(features_dir), FeatureSource(features_dir, "validation")
+  graphdef, state = lab_state(config, params_path, mesh)
+  data = source.arrays()
+  chosen, rejected = pair_rewards(jax.jit(make_eval_step(graphdef, source.meta["layer"])), state,
+                                  data, batch_size)
+  first = unique_solutions(data["tokens"], np.repeat(data["problem_id"], 2))
+  stats = reward_stats(np.stack([chosen, rejected], 1).reshape(-1)[first])
+  return {"mean": stats["mean"], "std": stats["std"], "split": "validation", "n": stats["n"],
+          "step": STEP}
+
+
 def export_lab_run(features_dir: str, params_path: str, out: str, *, hf_out: str = "",
                    backbone: str = "", mesh=None) -> dict:
   """Writes the run folder ``out`` (and the HF folder ``hf_out``); returns ``lab_export.json``."""
@@ -112,6 +129,9 @@ def export_lab_run(features_dir: str, params_path: str, out: str, *, hf_out: str
     record = {"features": os.path.realpath(features_dir), "params": os.path.realpath(params_path),
               "layer": layer, "hf_out": hf_out}
     write_json(os.path.join(out, "lab_export.json"), record, indent=2)
+    if "validation" in FeatureSource.splits(features_dir):
+      write_json(os.path.join(out, "reward_stats.json"),
+                 validation_stats(features_dir, params_path, mesh), indent=2)
     if hf_out:
       from rmjax.convert.export import export_reward_model
       from rmjax.data.sources import make_tokenizer

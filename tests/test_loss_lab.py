@@ -170,7 +170,7 @@ def test_exported_lab_run_scores_as_the_lab_evaluates(cached, tmp_path):
   full models, from tokens, give the lab's held-out rewards (from features) and accuracy."""
   from rmjax import convert, lab_export
   from rmjax.checkpoint import load_trained
-  from rmjax.eval.metrics import pairwise_accuracy
+  from rmjax.eval.metrics import pairwise_accuracy, unique_solutions
   _, model, out, mesh = cached
   config = loss_lab.lab_config(out, **{"train.steps": 3, "train.batch_size": 16,
                                        "optim.lr": 1e-2, "optim.warmup_steps": 0})
@@ -194,8 +194,15 @@ def test_exported_lab_run_scores_as_the_lab_evaluates(cached, tmp_path):
   scale = np.abs(lab).max()
   assert np.abs(before - lab).max() > 1e-2 * scale  # the lab's top, not the backbone's, is read
   for name, rewards in exported.items():
+    print(f"{name}: max |reward - lab| / max |lab| = {np.abs(rewards - lab).max() / scale:.2e}")
     assert np.abs(rewards - lab).max() <= 1e-4 * scale, name
     assert pairwise_accuracy(rewards[0::2], rewards[1::2]) == result["pairwise_accuracy"], name
+  with open(os.path.join(run_dir, "reward_stats.json")) as f:
+    stats = json.load(f)
+  first = unique_solutions(data["tokens"], np.repeat(data["problem_id"], 2))
+  assert stats["n"] == len(first) and stats["split"] == "validation"
+  assert abs(stats["mean"] - lab[first].mean()) <= 1e-6 * scale
+  assert stats["std"] == pytest.approx(lab[first].std(), rel=1e-5)
   with pytest.raises(FileExistsError, match="another --out"):
     lab_export.export_lab_run(out, saved, run_dir, mesh=mesh)
 
