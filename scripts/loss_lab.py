@@ -13,7 +13,8 @@ term by your function (called as ``fn(out: PairOutputs, key)``, see README), wei
 ddof 1, over seeds); writes ``results.json`` (after every run, each result with its settings: a
 rerun with the same ``--out`` skips finished runs, and refuses runs stored with other settings),
 ``results.md`` and ``curves.png`` (held-out accuracy and AUROC against steps, mean over seeds)
-to ``--out``.
+to ``--out``. ``--save_tops`` also keeps each run's trained top as ``<out>/<setting>_s<seed>.npz``,
+which ``python -m rmjax.lab_export`` turns into a reward model (docs/loss_lab.md).
 """
 from __future__ import annotations
 
@@ -72,7 +73,11 @@ def main(argv=None) -> None:
   ap.add_argument("--eval_split", default="validation")
   ap.add_argument("--n_boot", type=int, default=1000)
   ap.add_argument("--out", default="")
+  ap.add_argument("--save_tops", action="store_true", help="keep each run's trained top in --out "
+                  "as <setting>_s<seed>.npz (for rmjax.lab_export)")
   args = ap.parse_args(argv)
+  if args.save_tops and not args.out:
+    raise SystemExit("--save_tops needs --out")
 
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
@@ -105,8 +110,13 @@ def main(argv=None) -> None:
         loss_lab.check_resumable(result, record, f"{results_path}: {name}, seed {seed}")
       else:
         t0 = time.perf_counter()
+        save_to = ""
+        if args.save_tops:  # a run resumed from results.json keeps whatever it saved then
+          os.makedirs(args.out, exist_ok=True)
+          save_to = os.path.join(args.out, name.replace(", ", "_").replace("/", "-")
+                                 + f"_s{seed}.npz")
         result = loss_lab.run(config, args.features, eval_split=args.eval_split,
-                              eval_every=args.eval_every, n_boot=args.n_boot)
+                              eval_every=args.eval_every, n_boot=args.n_boot, save_to=save_to)
         result.update(setting=name, seed=seed, seconds=time.perf_counter() - t0, run=record)
       results[name].append(result)
       if results_path:

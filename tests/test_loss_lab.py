@@ -143,10 +143,11 @@ def test_loss_lab_script_resumes_only_runs_with_the_same_settings(tmp_path, monk
   meta = json.loads((tmp_path / "meta.json").read_text())
   meta["config"]["loss"]["beta"] = 0.25  # the custom term's weight when none is set
   (tmp_path / "meta.json").write_text(json.dumps(meta))
-  trained = []
+  trained, saved = [], []
 
   def fake_run(config, features_dir, **kwargs):  # the script's bookkeeping, not the training
     trained.append(config)
+    saved.append(kwargs["save_to"])
     point = {"step": 2, "pairwise_accuracy": 0.5, "auroc": 0.5}
     return {**point, "auroc_low": 0.4, "auroc_high": 0.6, "solutions": 4, "history": [point]}
 
@@ -155,7 +156,7 @@ def test_loss_lab_script_resumes_only_runs_with_the_same_settings(tmp_path, monk
           f"--out={tmp_path / 'lab'}"]
   script = _script("loss_lab")
   script.main(args)
-  assert len(trained) == 1 and trained[0].loss.beta == 0.0
+  assert len(trained) == 1 and trained[0].loss.beta == 0.0 and saved == [""]
   assert trained[0].loss.custom == "rmjax.losses:bt_term=0.25"
   script.main(args)  # same settings: resumed, not run again
   assert len(trained) == 1
@@ -163,6 +164,10 @@ def test_loss_lab_script_resumes_only_runs_with_the_same_settings(tmp_path, monk
     with pytest.raises(ValueError, match="stored with other settings"):
       script.main(args + [changed])
   assert len(trained) == 1
+  sweep = [f"--features={features}", "--sweep=beta=0,0.5", "--sweep=lr=1e-4", "--seeds=1",
+           "--steps=2", f"--out={tmp_path / 'tops'}", "--save_tops"]
+  script.main(sweep)  # each run's top kept for rmjax.lab_export
+  assert saved[1:] == [str(tmp_path / "tops" / f"beta={b}_lr=1e-4_s1.npz") for b in ("0", "0.5")]
 
 
 def test_exported_lab_run_scores_as_the_lab_evaluates(cached, tmp_path):
@@ -194,7 +199,6 @@ def test_exported_lab_run_scores_as_the_lab_evaluates(cached, tmp_path):
   scale = np.abs(lab).max()
   assert np.abs(before - lab).max() > 1e-2 * scale  # the lab's top, not the backbone's, is read
   for name, rewards in exported.items():
-    print(f"{name}: max |reward - lab| / max |lab| = {np.abs(rewards - lab).max() / scale:.2e}")
     assert np.abs(rewards - lab).max() <= 1e-4 * scale, name
     assert pairwise_accuracy(rewards[0::2], rewards[1::2]) == result["pairwise_accuracy"], name
   with open(os.path.join(run_dir, "reward_stats.json")) as f:
