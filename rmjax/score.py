@@ -102,8 +102,10 @@ def reward_stats(path: str) -> dict:
     if stats.get("step") is not None and step is not None and stats["step"] != step:
       raise ValueError(f"--normalize: {where}: stats of step {stats['step']}, but the checkpoint "
                        f"scored is step {step}")
-  else:
+  elif path.endswith(".gguf"):
     where, stats, missing = path, {}, "a .gguf file carries no reward stats"
+  else:
+    raise FileNotFoundError(f"--model={path}: no such run folder, HF folder or .gguf file")
   if stats.get("mean") is None or stats.get("std") is None:
     raise ValueError(f"--normalize: {where}: {missing}")
   if not (np.isfinite(stats["mean"]) and np.isfinite(stats["std"]) and stats["std"] > 0):

@@ -198,6 +198,6 @@ def test_convention_follows_init_from_and_bad_tokenizers(hub, tmp_path):
 
   from rmjax.data.sources import make_tokenizer
   config = ConfigDict({"data": {"tokenizer": str(folder)}, "model": {"init_from": str(folder)}})
-  assert make_tokenizer(config).convention == "hf"
+  assert make_tokenizer(config).convention == "hf" and make_tokenizer(config).skip_id == 0
   config.data.convention = "rmjax"
   assert make_tokenizer(config).convention == "rmjax"

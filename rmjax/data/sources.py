@@ -24,8 +24,9 @@ PIPELINE_DEFAULTS = {"buckets": (), "sort_window": 1, "layout": "pairs", "num_th
 def make_tokenizer(config):
   """The run's tokenizer under its scoring convention (``data.convention``; '' or absent: 'hf'
   when ``model.init_from`` is a sequence classifier, else 'rmjax'; rmjax.data.tokenizer)."""
+  init_from = config.model.get("init_from", "")
   return load_tokenizer(config.data.tokenizer, resolve_convention(
-      config.data.get("convention", ""), config.model.get("init_from", "")))
+      config.data.get("convention", ""), init_from), init_from)
 
 
 def parse_files(spec: str) -> dict[str, str]:

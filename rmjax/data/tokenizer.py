@@ -109,9 +109,10 @@ class ByteTokenizer:
 
 class HFTokenizer:
   """A ``transformers`` tokenizer: ``path`` is an HF folder or a ``.gguf`` file; ``convention``:
-  'rmjax' or 'hf' (module docstring)."""
+  'rmjax' or 'hf' (module docstring); ``model``: the classifier folder whose ``config.json`` gives
+  the pad id transformers skips ('hf'; default: ``path``'s, else the tokenizer's pad)."""
 
-  def __init__(self, path: str, convention: str = "rmjax"):
+  def __init__(self, path: str, convention: str = "rmjax", model: str = ""):
     from transformers import AutoTokenizer
     self.convention = resolve_convention(convention)
     path = os.path.expanduser(path)
@@ -133,7 +134,7 @@ class HFTokenizer:
     # rows carry masks, so the pad id may be EOS: the reward is read by the mask, not the pad id
     self.pad_id = pad_id if pad_id is not None else self.eos_id
     # transformers reads a classifier at the last token that is not its config's pad_token_id
-    hf_config = _hf_config(path) if os.path.isdir(path) else None
+    hf_config = _hf_config(model) or (_hf_config(path) if os.path.isdir(path) else None)
     self.skip_id = (None if self.convention == "rmjax"
                     else hf_config.get("pad_token_id") if hf_config is not None else pad_id)
     self.vocab_size = len(self.hf)
@@ -206,9 +207,9 @@ def smollm2_gguf() -> str:
   return path if os.path.exists(path) else ""
 
 
-def load_tokenizer(spec: str, convention: str = "rmjax"):
+def load_tokenizer(spec: str, convention: str = "rmjax", model: str = ""):
   """``"byte"`` -> ``ByteTokenizer`` (no special tokens: both conventions agree); otherwise a path
-  to an HF tokenizer folder or ``.gguf``, under ``convention``."""
+  to an HF tokenizer folder or ``.gguf``, under ``convention`` (``model``: ``HFTokenizer``'s)."""
   if not spec:
     raise ValueError(f"data.tokenizer is empty: {SMOLLM2_HINT}")
-  return ByteTokenizer() if spec == "byte" else HFTokenizer(spec, convention)
+  return ByteTokenizer() if spec == "byte" else HFTokenizer(spec, convention, model)
