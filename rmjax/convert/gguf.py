@@ -31,7 +31,9 @@ def _field(reader, key: str, default=None):
 def config_from_gguf(reader, **overrides) -> LlamaConfig:
   arch = _field(reader, "general.architecture")
   if arch not in ARCHITECTURES:
-    raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: "
+    why = (": the file lacks query_pre_attn_scalar and the window's layer pattern; import the "
+           "Hugging Face folder instead" if arch == "gemma2" else "")
+    raise ValueError(f"GGUF architecture {arch!r} is not supported{why}; supported: "
                      f"{', '.join(ARCHITECTURES)}")
   heads = int(_field(reader, f"{arch}.attention.head_count"))
   dim = int(_field(reader, f"{arch}.embedding_length"))
