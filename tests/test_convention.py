@@ -92,7 +92,8 @@ def test_hub_classifier_scores_as_transformers(hub, tmp_path, mesh1, batch_size)
   # the old convention (EOS appended, prompt and response apart) reads elsewhere: the test can fail
   rmjax_tok = HFTokenizer(str(folder), "rmjax")
   assert rmjax_tok.encode_prompt_response("Q: what ", "is 2+3?")[1][-1] == 0
-  assert sum(rmjax_tok.encode_prompt_response("Q: what ", "is 2+3?"), []) != hf_ids(tok, LINES[2])
+  apart = sum(rmjax_tok.encode_prompt_response("Q: what ", "is 2+3?"), [])[:-1]  # EOS aside
+  assert apart != hf_ids(tok, LINES[2])  # the boundary tokenises differently when joint
 
 
 def test_export_scores_in_plain_transformers(hub, tmp_path, mesh1):
