@@ -12,7 +12,8 @@
   backward pass and the final hidden states: an estimate (docs/scale.md: against XLA:GPU on an H200
   and XLA:TPU; XLA:CPU ignores remat).
 * weights in flight: the running block's weights gathered whole over fsdp (or cast) in the compute
-  dtype and their unsharded gradient, plus the layer scan's stacked copy of the weight shards.
+  dtype and their unsharded gradient; with ``scan_layers`` the stacked weight shards (compute
+  dtype) and the stacked gradients (the loop state of the optimised HLO, docs/scale.md).
 """
 from __future__ import annotations
 
@@ -139,13 +140,15 @@ def plan(config, mesh_shape, dcn_shape=None, *, honours_remat: bool = True) -> M
   kept_layers = cfg.num_layers if top < 0 else min(top, cfg.num_layers)
   activations = kept_layers * kept + recompute + final_hidden
   # the block running holds its weights whole over fsdp (gathered) in the compute dtype, and
-  # their gradient before it is reduce-scattered; a layer scan also stacks the weight shards
+  # their gradient before it is reduce-scattered; a layer scan also stacks the weight shards in
+  # the compute dtype and the blocks' gradients (a second copy, unstacked after the scan)
   c = np.dtype(DTYPES[cfg.dtype]).itemsize
   block = (cfg.dim * cfg.hd * (2 * math.ceil(cfg.num_heads / shards("heads"))
                                + 2 * math.ceil(cfg.num_kv_heads / shards("kv_heads")))
            + 3 * cfg.dim * math.ceil(cfg.mlp_dim / shards("mlp")))
   gathered = shards("embed") > 1 or cfg.dtype != cfg.param_dtype
-  in_flight = 2 * block * c * gathered + params * cfg.scan_layers
+  stacked = params * c // np.dtype(DTYPES[cfg.param_dtype]).itemsize + gradients
+  in_flight = 2 * block * c * gathered + stacked * cfg.scan_layers
   return MemoryPlan(params=params, optimizer=optimizer, gradients=gradients, batch=batch,
                     activations=activations, weights_in_flight=in_flight)
 
