@@ -67,19 +67,23 @@ def entry_parameters(hlo: str) -> list[tuple[str, tuple[int, ...], int, int]]:
   the compiled program (its ENTRY parameters); the padded sum is XLA's argument bytes."""
   out = []
   for line in hlo.split("\nENTRY", 1)[1].splitlines():
-    m = re.match(r"\s*%\S+ = (\w+)\[([\d,]*)\]\{([\d,]*):?([^}]*)\} parameter\(", line)
-    if m is None:
-      continue
-    dtype, dims = m.group(1), tuple(int(d) for d in m.group(2).split(",") if d)
-    size = _DTYPE_BYTES[dtype]
-    padded = [dims[int(i)] for i in reversed(m.group(3).split(",")) if i]  # major to minor
-    if tile := re.search(r"T\(([\d,]+)\)", m.group(4)):
-      t = [int(x) for x in tile.group(1).split(",")]
-      padded = [1] * (len(t) - len(padded)) + padded
-      for j, tj in enumerate(t, start=len(padded) - len(t)):
-        padded[j] = -(-padded[j] // tj) * tj
-    out.append((dtype, dims, math.prod(dims) * size, math.prod(padded) * size))
+    param = re.match(r"\s*%\S+ = (.*?) parameter\(", line)  # an array, or a tuple of them
+    for m in re.finditer(r"(\w+)\[([\d,]*)\]\{([\d,]*):?([^}]*)\}", param.group(1) if param else ""):
+      out.append(_parameter(m))
   return out
+
+
+def _parameter(m: re.Match) -> tuple[str, tuple[int, ...], int, int]:
+  """(dtype, shape, bytes, bytes padded to the layout's first tile) of one array type."""
+  dtype, dims = m.group(1), tuple(int(d) for d in m.group(2).split(",") if d)
+  size = _DTYPE_BYTES[dtype]
+  padded = [dims[int(i)] for i in reversed(m.group(3).split(",")) if i]  # major to minor
+  if tile := re.search(r"T\(([\d,]+)\)", m.group(4)):
+    t = [int(x) for x in tile.group(1).split(",")]
+    padded = [1] * (len(t) - len(padded)) + padded
+    for j, tj in enumerate(t, start=len(padded) - len(t)):
+      padded[j] = -(-padded[j] // tj) * tj
+  return dtype, dims, math.prod(dims) * size, math.prod(padded) * size
 
 
 def collectives(hlo: str, num_slices: int) -> list[dict]:

@@ -92,6 +92,13 @@ def test_collectives_in_a_loop_without_known_trip_count_count_the_conditions_bou
   assert (row["kind"], row["count"], row["bytes"]) == ("all-reduce", 31, 31 * 64 * 128 * 2)
 
 
+def test_entry_parameters_of_a_tupled_argument():
+  """Programs with many arguments (the 70B step: 2178) take them as one tuple parameter."""
+  text = ("HloModule m\n\nENTRY %main (p: (f32[16,8], s32[])) -> f32[8] {\n"
+          "  %p = (f32[16,8]{1,0:T(8,128)}, s32[]{:T(128)}) parameter(0), sharding={...}\n}\n")
+  assert hlo.entry_parameters(text) == [("f32", (16, 8), 512, 16 * 128 * 4), ("s32", (), 4, 512)]
+
+
 def test_collectives_from_hlo():
   rows = {(r["kind"], r["network"]): r for r in hlo.collectives(HLO, 2)}
   assert set(rows) == {("all-gather", "ici"), ("reduce-scatter", "ici"), ("all-reduce", "ici"),
