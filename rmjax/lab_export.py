@@ -129,15 +129,16 @@ def export_lab_run(features_dir: str, params_path: str, out: str, *, hf_out: str
     record = {"features": os.path.realpath(features_dir), "params": os.path.realpath(params_path),
               "layer": layer, "hf_out": hf_out}
     write_json(os.path.join(out, "lab_export.json"), record, indent=2)
+    stats = None
     if "validation" in FeatureSource.splits(features_dir):
-      write_json(os.path.join(out, "reward_stats.json"),
-                 validation_stats(features_dir, params_path, mesh), indent=2)
+      stats = validation_stats(features_dir, params_path, mesh)
+      write_json(os.path.join(out, "reward_stats.json"), stats, indent=2)
     if hf_out:
       from rmjax.convert.export import export_reward_model
       from rmjax.data.sources import make_tokenizer
       tokenizer = make_tokenizer(config)
-      export_reward_model(model, hf_out, tokenizer=getattr(tokenizer, "hf", None),
-                          pad_token_id=tokenizer.pad_id)
+      export_reward_model(model, hf_out, tokenizer=tokenizer if hasattr(tokenizer, "hf") else None,
+                          pad_token_id=tokenizer.pad_id, reward_stats=stats)
   return record
 
 
