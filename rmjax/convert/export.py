@@ -51,6 +51,9 @@ def _append_eos(hf_tok, prefix_ids: list[int]) -> dict:
     hf_tok.add_eos_token = True
     return {"add_bos_token": bool(prefix_ids), "add_eos_token": True}
   from tokenizers import processors
+  if not hf_tok.is_fast:
+    raise ValueError(f"export: {type(hf_tok).__name__} (not a fast tokenizer) adds the prefix "
+                     f"{prefix_ids} and cannot be made to append EOS; export from a fast one")
   names = hf_tok.convert_ids_to_tokens(prefix_ids + [hf_tok.eos_token_id])
   single = " ".join(names[:-1] + ["$A", names[-1]])
   hf_tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
