@@ -14,7 +14,8 @@ AUROC of reward vs correctness over the distinct solutions (one in several pairs
 problem with final answers (``rmjax.eval.voting``); pair data has one correct and one incorrect per
 problem, so eval.json says it was skipped.
 
-  python -m rmjax.evaluate --model=M --solutions=FILE.jsonl [--threshold=0|mean] [--out=DIR]
+  python -m rmjax.evaluate --model=M --solutions=FILE.jsonl [--threshold=0] [--normalize] \
+      [--out=DIR]
 
 evaluates any labelled single solutions instead (``rmjax.eval.solutions``: one line per solution,
 each scored once with ``rmjax.score``): ``--model`` is whatever ``rmjax.score`` reads (an rmjax run,
@@ -213,27 +214,15 @@ def evaluate(config, checkpoint: str, out_dir: str | None = None, *, goal_exampl
   return result
 
 
-def stored_mean(model: str) -> float:
-  """The validation reward mean a trained run stored (``reward_stats.json``, ``rmjax.train``)."""
-  workdir = resolve_run(model)[2] if os.path.isdir(model) else model
-  path = os.path.join(workdir if os.path.exists(os.path.join(workdir, "config.json")) else model,
-                      "reward_stats.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: missing; --threshold=mean needs an rmjax run that stored its "
-                            "reward statistics (rmjax.train writes them); give a number")
-  with open(path) as f:
-    return float(json.load(f)["mean"])
-
-
 def evaluate_solutions(model: str, solutions_path: str, out_dir: str | None = None, *,
-                       threshold: float | str = 0.0, n_boot: int = 1000, seed: int = 0,
-                       batch_size: int = 16, max_len: int = 2048) -> dict:
+                       threshold: float = 0.0, normalize: bool = False, n_boot: int = 1000,
+                       seed: int = 0, batch_size: int = 16, max_len: int = 2048) -> dict:
   """Scores every labelled solution of ``solutions_path`` once with ``model`` (``rmjax.score``)
-  and reports ``rmjax.eval.solutions.solution_metrics``; ``threshold``: a number, or ``"mean"``
-  (the run's ``stored_mean``). Writes ``scored.jsonl``, ``eval.json``, ``eval.md`` and plots."""
+  and reports ``rmjax.eval.solutions.solution_metrics``; ``normalize``: rewards ``(r - mean) /
+  std`` with the stats stored with the model (``rmjax.score.reward_stats``), so that threshold 0
+  is the stored mean. Writes ``scored.jsonl``, ``eval.json``, ``eval.md`` and plots."""
   labels, problems = solutions_lib.read_labels(solutions_path)  # bad lines before any model
-  if threshold == "mean":
-    threshold = stored_mean(model)
+  stats = score.reward_stats(model) if normalize else None
   out_dir = out_dir or os.path.splitext(solutions_path)[0] + "_eval"
   os.makedirs(out_dir, exist_ok=True)
   scored = os.path.join(out_dir, "scored.jsonl")
@@ -241,9 +230,9 @@ def evaluate_solutions(model: str, solutions_path: str, out_dir: str | None = No
   with sharding.use_mesh(mesh):
     rm, tokenizer = score.load_model(model, mesh)
     score.score_file(rm, tokenizer, solutions_path, scored, batch_size=batch_size,
-                     max_len=max_len, mesh=mesh)
+                     max_len=max_len, mesh=mesh, stats=stats)
   rewards = np.asarray([r["reward"] for _, r in iter_jsonl(scored)], np.float64)
-  result = {"model": model, "solutions": solutions_path, "scored": scored,
+  result = {"model": model, "solutions": solutions_path, "scored": scored, "normalized": normalize,
             **solutions_lib.solution_metrics(rewards, labels, problems, threshold=float(threshold),
                                              n_boot=n_boot, seed=seed)}
   result["plots"] = [
@@ -287,9 +276,11 @@ def _cli():
       "goal_examples", 512, "Training pairs whose chosen (correct) responses define the goal.")
   n_boot = flags.DEFINE_integer("n_boot", 1000, "Bootstrap draws for the AUROC interval.")
   hit_k = flags.DEFINE_integer("hit_k", 3, "Localisation window: the first error + k-1 tokens.")
-  threshold = flags.DEFINE_string("threshold", "0.0", "Q_t threshold of the 'below' rule; with "
-                                  "--solutions, the reward above which a solution counts as "
-                                  "correct ('mean': the run's stored validation mean).")
+  threshold = flags.DEFINE_float("threshold", 0.0, "Q_t threshold of the 'below' rule; with "
+                                 "--solutions, the reward above which a solution counts as "
+                                 "correct.")
+  normalize = flags.DEFINE_bool("normalize", False, "With --solutions: rewards (r - mean) / std "
+                                "with the stats stored with --model (threshold 0 = the mean).")
   batch_size = flags.DEFINE_integer("batch_size", 16, "With --solutions: sequences per pass.")
   max_len = flags.DEFINE_integer("max_len", 2048, "With --solutions: longest sequence.")
 
@@ -300,9 +291,8 @@ def _cli():
       if not model.value or checkpoint.value:
         raise app.UsageError("--solutions scores with --model (not --checkpoint)")
       result = evaluate_solutions(
-          model.value, solutions.value, out.value, n_boot=n_boot.value,
-          threshold=threshold.value if threshold.value == "mean" else _number(threshold.value),
-          batch_size=batch_size.value, max_len=max_len.value)
+          model.value, solutions.value, out.value, n_boot=n_boot.value, threshold=threshold.value,
+          normalize=normalize.value, batch_size=batch_size.value, max_len=max_len.value)
       keys = ("n_solutions", "n_problems", "auroc", "auroc_ci", "threshold", "accuracy")
     else:
       if config.value is None or not checkpoint.value:
@@ -310,15 +300,9 @@ def _cli():
                              "--solutions (a labelled solutions file)")
       result = evaluate(config.value, checkpoint.value, out.value,
                         goal_examples=goal_examples.value, n_boot=n_boot.value,
-                        hit_k=hit_k.value, threshold=_number(threshold.value))
+                        hit_k=hit_k.value, threshold=threshold.value)
       keys = ("step", "pairwise_accuracy", "auroc", "auroc_ci")
     print(json.dumps({k: result[k] for k in keys}))
-
-  def _number(text: str) -> float:
-    try:
-      return float(text)
-    except ValueError:
-      raise app.UsageError(f"--threshold={text!r}: expected a number or 'mean'") from None
 
   app.run(main)
 

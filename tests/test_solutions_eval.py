@@ -95,14 +95,17 @@ def test_solutions_file_metrics_match_sklearn_and_a_by_problem_bootstrap(tiny_ru
     assert os.path.getsize(plot) > 2000
   assert os.path.exists(tmp_path / "out" / "eval.json")
 
-  # a threshold between the rewards moves the accuracy; 'mean' is the run's stored mean
-  t = float(np.median(rewards))
-  again = evaluate.evaluate_solutions(tiny_run, path, str(tmp_path / "t"), n_boot=10, threshold=t)
-  assert again["accuracy"] == pytest.approx(np.mean((rewards > t) == labels))
-  stored = evaluate.evaluate_solutions(tiny_run, path, str(tmp_path / "m"), n_boot=10,
-                                       threshold="mean")
+  # normalised, threshold 0 is the run's stored mean (within the rewards: not all on one side)
+  normed = evaluate.evaluate_solutions(tiny_run, path, str(tmp_path / "m"), n_boot=10,
+                                       normalize=True, max_len=max_len)
   with open(os.path.join(tiny_run, "reward_stats.json")) as f:
-    assert stored["threshold"] == json.load(f)["mean"]
+    stats = json.load(f)
+  with open(normed["scored"]) as f:
+    z = np.asarray([json.loads(line)["reward"] for line in f])
+  assert np.abs(z - (rewards - stats["mean"]) / stats["std"]).max() <= 1e-5 * np.abs(z).max()
+  assert normed["accuracy"] == pytest.approx(np.mean((rewards > stats["mean"]) == labels))
+  assert normed["auroc"] == pytest.approx(result["auroc"])  # a monotone map
+  assert rewards.min() < stats["mean"] < rewards.max()
 
 
 @pytest.mark.parametrize("line, message", [
@@ -131,7 +134,7 @@ def test_cli_scores_a_solutions_file(tiny_run, tmp_path):
   path, _ = solutions_file(tmp_path / "sol.jsonl", n_problems=4)
   proc = subprocess.run(
       [sys.executable, "-m", "rmjax.evaluate", f"--model={tiny_run}", f"--solutions={path}",
-       "--n_boot=20", "--threshold=mean"],
+       "--n_boot=20", "--normalize"],
       cwd=ROOT, env={**os.environ, "XLA_FLAGS": "", "PYTHONPATH": ROOT}, capture_output=True,
       text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
