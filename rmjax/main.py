@@ -16,6 +16,7 @@ Another model architecture is refused even with the flag.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -100,6 +101,17 @@ def check_memory(config, where: str, compile_: bool = True) -> None:
 # config fields that may differ on any resume of a run: where it runs (the mesh, folders of the raw
 # data) and how the model runs (models.llama.RUN_ONLY_FIELDS); a change is still recorded
 RESUME_EXEMPT = ("mesh", "data.source_dir", "data.tfds_dir")
+# fields added after runs were written, with the value that means what a run without them did
+# (model fields: models.llama.LlamaConfig's defaults); an absent field with that value is no change
+ADDED_FIELDS = {"data.convention": "rmjax", "data.layout": "pairs", "loss.center_rewards": 0.0}
+
+
+def _with_added_fields(old_flat: dict, new_flat: dict) -> dict:
+  """``old_flat`` plus the fields only ``new_flat`` has, at the values that mean the old behaviour."""
+  from rmjax.models.llama import LlamaConfig
+  added = {**ADDED_FIELDS, **{f"model.{f.name}": f.default
+                              for f in dataclasses.fields(LlamaConfig)}}
+  return {**{k: added[k] for k in new_flat.keys() - old_flat.keys() if k in added}, **old_flat}
 
 
 def save_config(config, workdir: str, *, write: bool = True, allow_change: bool = False) -> None:
@@ -113,6 +125,10 @@ def save_config(config, workdir: str, *, write: bool = True, allow_change: bool 
   from rmjax.models.llama import RUN_ONLY_FIELDS
   path = os.path.join(workdir, "config.json")
   new = json.loads(config.to_json_best_effort())
+  if "convention" in new.get("data", {}):  # recorded resolved: '' follows model.init_from
+    from rmjax.data.tokenizer import resolve_convention
+    new["data"]["convention"] = resolve_convention(new["data"]["convention"],
+                                                   new.get("model", {}).get("init_from", ""))
   changed = {}
   if os.path.exists(path):
     with open(path) as f:
@@ -125,7 +141,8 @@ def save_config(config, workdir: str, *, write: bool = True, allow_change: bool 
       raise ValueError(f"{path}: this workdir's run has another architecture: " + ", ".join(
           f"model.{k}={a!r} (config.json: {b!r})" for k, (a, b) in wrong.items())
           + "; use a new --workdir, or the run's config")
-    old_flat, new_flat = _flatten(old), _flatten(new)
+    new_flat = _flatten(new)
+    old_flat = _with_added_fields(_flatten(old), new_flat)
     changed = {k: {side: flat[k] for side, flat in (("old", old_flat), ("new", new_flat))
                    if k in flat}
                for k in sorted(old_flat.keys() | new_flat.keys())

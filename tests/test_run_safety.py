@@ -73,6 +73,27 @@ def test_resume_with_another_config_is_refused_unless_allowed_and_recorded(tmp_p
   assert len(read(tmp_path / "config_history.jsonl").splitlines()) == 3
 
 
+def test_a_run_written_before_fields_were_added_resumes_unless_their_value_changes_it(tmp_path):
+  """A config.json without the fields added since (data.convention, data.layout,
+  loss.center_rewards, new model switches) resumes when their values mean what that run did;
+  a value that changes the run is refused. data.convention is recorded resolved."""
+  config = tiny_config("paper")
+  config.data.convention, config.loss.center_rewards = "", 0.0
+  config.model.qk_norm = False
+  save_config(config, str(tmp_path))
+  saved = json.loads(read(tmp_path / "config.json"))
+  assert saved["data"]["convention"] == "rmjax"  # '' resolved: no init_from classifier
+  for block, field in (("data", "convention"), ("loss", "center_rewards"), ("model", "qk_norm")):
+    del saved[block][field]
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(saved, f)
+  save_config(config, str(tmp_path))  # the same run: accepted, nothing recorded
+  assert not os.path.exists(tmp_path / "config_history.jsonl")
+  config.loss.center_rewards = 0.01
+  with pytest.raises(ValueError, match=r"loss.center_rewards: 0.0 \(config.json\) -> 0.01"):
+    save_config(config, str(tmp_path))
+
+
 def test_main_refuses_a_changed_config_unless_the_flag_allows_it(tmp_path):
   """The command line, with training stubbed out."""
   save_config(tiny_config("paper"), str(tmp_path))
