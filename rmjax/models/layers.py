@@ -20,7 +20,18 @@ from flax import nnx
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {"none": None, "dots_saveable": jax.checkpoint_policies.dots_saveable,
                   "full": jax.checkpoint_policies.nothing_saveable}
-MLP_ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+
+
+def gelu_tanh(x):
+  return jax.nn.gelu(x, approximate=True)  # HF's gelu_pytorch_tanh
+
+
+def gelu(x):
+  return jax.nn.gelu(x, approximate=False)
+
+
+# the gated MLP's activation (module-level functions: equal in every model's graph definition)
+MLP_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": gelu_tanh, "gelu": gelu}
 
 # LlamaConfig fields that say how the model runs, not what it computes
 RUN_ONLY_FIELDS = ("remat", "scan_layers", "attention")
@@ -85,7 +96,8 @@ class LlamaConfig:
       if getattr(self, f) not in DTYPES:
         raise ValueError(f"model.{f}={getattr(self, f)!r}: expected one of {sorted(DTYPES)}")
     if self.mlp_act not in MLP_ACTIVATIONS:
-      raise ValueError(f"model.mlp_act={self.mlp_act!r}: expected one of {MLP_ACTIVATIONS}")
+      raise ValueError(f"model.mlp_act={self.mlp_act!r}: expected one of "
+                       f"{sorted(MLP_ACTIVATIONS)}")
     if self.sliding_layers is not None:  # lists (JSON) -> a hashable tuple
       object.__setattr__(self, "sliding_layers", tuple(int(i) for i in self.sliding_layers))
       bad = [i for i in self.sliding_layers if not 0 <= i < self.num_layers]
@@ -140,11 +152,6 @@ def rmsnorm(cfg: LlamaConfig, n: int, rngs):
                else (nnx.RMSNorm, nnx.initializers.ones))
   return cls(n, epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=DTYPES[cfg.param_dtype],
              scale_init=nnx.with_partitioning(init, ("norm",)), rngs=rngs)
-
-
-def mlp_activation(name: str):
-  return {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-          "gelu": lambda x: jax.nn.gelu(x, approximate=False)}[name]
 
 
 def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:

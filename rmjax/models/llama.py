@@ -18,8 +18,8 @@ from jax.sharding import PartitionSpec as P
 
 from rmjax.indexing import gather_rows
 # DTYPES, RUN_ONLY_FIELDS and LlamaConfig are imported from here too
-from rmjax.models.layers import (DTYPES, REMAT_POLICIES, RUN_ONLY_FIELDS,  # noqa: F401
-                                 LlamaConfig, linear, mlp_activation, rmsnorm, rope,
+from rmjax.models.layers import (DTYPES, MLP_ACTIVATIONS, REMAT_POLICIES,  # noqa: F401
+                                 RUN_ONLY_FIELDS, LlamaConfig, linear, rmsnorm, rope,
                                  rope_frequencies, softcapped_attention)
 
 
@@ -79,7 +79,7 @@ class MLP(nnx.Module):
     self.gate = linear(cfg, cfg.dim, cfg.mlp_dim, ("embed", "mlp"), rngs)
     self.up = linear(cfg, cfg.dim, cfg.mlp_dim, ("embed", "mlp"), rngs)
     self.down = linear(cfg, cfg.mlp_dim, cfg.dim, ("mlp", "embed"), rngs)
-    self.act = mlp_activation(cfg.mlp_act)
+    self.act = MLP_ACTIVATIONS[cfg.mlp_act]
 
   def __call__(self, x_BxLxD):
     return self.down(self.act(self.gate(x_BxLxD)) * self.up(x_BxLxD))
