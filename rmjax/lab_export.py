@@ -31,6 +31,7 @@ from flax import nnx
 from rmjax import sharding
 from rmjax.cache_features import FeatureSource, top_param_paths, weights_sha256
 from rmjax.checkpoint import write_json
+from rmjax.data.tokenizer import resolve_convention
 from rmjax.eval.metrics import reward_stats, unique_solutions
 from rmjax.loss_lab import lab_config, lab_state, pair_rewards
 from rmjax.train import make_eval_step
@@ -113,7 +114,12 @@ def export_lab_run(features_dir: str, params_path: str, out: str, *, hf_out: str
     raise FileExistsError(f"{out}: holds a run already; use another --out")
   config = lab_config(features_dir)
   with open(os.path.join(features_dir, "meta.json")) as f:
-    layer = json.load(f)["layer"]
+    meta = json.load(f)
+  layer, cached = meta["layer"], meta["config"]
+  # the run tokenises as the cache did; with model.init_from gone from the run's config (the
+  # architecture is written out), its convention must be too
+  config.data.convention = resolve_convention(cached["data"].get("convention", ""),
+                                              cached["model"].get("init_from", ""))
   with sharding.use_mesh(mesh, config.mesh.rules):
     model = load_backbone(features_dir, mesh, backbone)
     put_top(model, params_path, layer)

@@ -201,6 +201,8 @@ def test_exported_lab_run_scores_as_the_lab_evaluates(cached, tmp_path):
   for name, rewards in exported.items():
     assert np.abs(rewards - lab).max() <= 1e-4 * scale, name
     assert pairwise_accuracy(rewards[0::2], rewards[1::2]) == result["pairwise_accuracy"], name
+  with open(os.path.join(run_dir, "config.json")) as f:
+    assert json.load(f)["data"]["convention"] == "rmjax"  # as the cache tokenised (bytes)
   with open(os.path.join(run_dir, "reward_stats.json")) as f:
     stats = json.load(f)
   first = unique_solutions(data["tokens"], np.repeat(data["problem_id"], 2))
