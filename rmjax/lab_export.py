@@ -28,14 +28,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from rmjax import sharding
+from rmjax import sharding, train_state
 from rmjax.cache_features import FeatureSource, top_param_paths, weights_sha256
-from rmjax.checkpoint import write_json
+from rmjax.checkpoint import load_trained, write_json
 from rmjax.data.tokenizer import resolve_convention
 from rmjax.eval.metrics import reward_stats, unique_solutions
 from rmjax.loss_lab import lab_config, lab_state, pair_rewards
 from rmjax.train import make_eval_step
-from rmjax.train_state import make_optimizer, trainable_filter
 
 STEP = 0  # the exported run's only checkpoint
 
@@ -44,8 +43,6 @@ def load_backbone(features_dir: str, mesh, backbone: str = ""):
   """The ``RewardModel`` the features in ``features_dir`` were cached from, checked against the
   cache's ``weights_sha256``. ``backbone``: ``"config"`` or a run folder, instead of the
   features' ``meta["backbone"]``. Call under ``sharding.use_mesh(mesh)``."""
-  from rmjax import train_state
-  from rmjax.checkpoint import load_trained
   meta_path = os.path.join(features_dir, "meta.json")
   with open(meta_path) as f:
     meta = json.load(f)
@@ -123,8 +120,9 @@ def export_lab_run(features_dir: str, params_path: str, out: str, *, hf_out: str
   with sharding.use_mesh(mesh, config.mesh.rules):
     model = load_backbone(features_dir, mesh, backbone)
     put_top(model, params_path, layer)
-    optimizer = nnx.Optimizer(model, make_optimizer(config.optim, config.train.steps),
-                              wrt=trainable_filter(config, model.backbone.cfg.num_layers))
+    optimizer = nnx.Optimizer(
+        model, train_state.make_optimizer(config.optim, config.train.steps),
+        wrt=train_state.trainable_filter(config, model.backbone.cfg.num_layers))
     state = nnx.state({"model": model, "optimizer": optimizer})
     manager = ocp.CheckpointManager(os.path.abspath(os.path.join(out, "checkpoints")))
     manager.save(STEP, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
@@ -149,7 +147,8 @@ def export_lab_run(features_dir: str, params_path: str, out: str, *, hf_out: str
 
 
 def main(argv=None) -> None:
-  ap = argparse.ArgumentParser(prog="python -m rmjax.lab_export", description=__doc__.split("\n")[0])
+  ap = argparse.ArgumentParser(prog="python -m rmjax.lab_export",
+                               description=__doc__.split("\n")[0])
   ap.add_argument("--features", required=True, help="the features folder the lab trained on")
   ap.add_argument("--params", required=True, help="the lab run's saved top (.npz)")
   ap.add_argument("--out", required=True, help="rmjax run folder to write")

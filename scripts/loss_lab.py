@@ -6,9 +6,10 @@
 
 ``--sweep path=v1,v2,...`` (repeatable) runs every combination, each with every seed. Shorthands:
 ``beta`` = ``loss.beta``, ``goal`` = ``loss.contrastive.goal``, ``temperature``, ``samples``
-(``num_samples``), ``mode``. ``--loss=package.module:function`` replaces the built-in contrastive
-term by your function (called as ``fn(out: PairOutputs, key)``, see README), weighted by ``beta``
-(the features' config's ``loss.beta`` unless set). Prints one row per run (accuracy; AUROC with a
+(``num_samples``), ``mode``, ``center`` (``loss.center_rewards``).
+``--loss=package.module:function`` replaces the built-in contrastive term by your function
+(called as ``fn(out: PairOutputs, key)``, see README), weighted by ``beta`` (the features'
+config's ``loss.beta`` unless set). Prints one row per run (accuracy; AUROC with a
 95% bootstrap interval resampled by problem) and one summary row per setting (mean ± sample sd,
 ddof 1, over seeds); writes ``results.json`` (after every run, each result with its settings: a
 rerun with the same ``--out`` skips finished runs, and refuses runs stored with other settings),
@@ -28,7 +29,8 @@ import numpy as np
 
 SHORT = {"beta": "loss.beta", "goal": "loss.contrastive.goal", "mode": "loss.contrastive.mode",
          "temperature": "loss.contrastive.temperature",
-         "samples": "loss.contrastive.num_samples", "lr": "optim.lr"}
+         "samples": "loss.contrastive.num_samples", "lr": "optim.lr",
+         "center": "loss.center_rewards"}
 
 
 def parse_assignments(items, multi: bool) -> dict:
