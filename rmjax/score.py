@@ -17,20 +17,35 @@ applied; the last turn must be the assistant's). Every output line is the input 
 (then, if the response alone is too long, its middle; the final token is always kept); such lines
 also get ``"truncated": <tokens cut>``. Work is sorted by length and padded to a few bucket lengths
 so the forward pass compiles once per bucket.
+
+``--layout``: ``shared_prompt`` (default) packs the lines that share a prompt (the same ``prompt``
+string, or the same chat before its last turn: best-of-N files) into rows ``[prompt | rest 1 |
+rest 2 | ...]`` of at most ``--max_len`` tokens, so the prompt runs once per row; each rest
+attends to the shared tokens and to itself only, at the positions it has alone
+(``llama.positions_and_mask`` parts), and its reward is read at its last token: the rewards of
+scoring each line alone. What is shared is the token prefix common to the row's whole
+sequences (under the 'hf' convention a token across the prompt/response boundary may differ
+between lines, so it goes to each rest). ``sequences``: one row per line.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
+from typing import NamedTuple
 
 import jax
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
 from rmjax import sharding
 from rmjax.data.pipeline import encode_sequence, fit, kept_prefix
 from rmjax.data.readers import iter_jsonl
-from rmjax.data.tokenizer import HFTokenizer, is_classifier_folder
+from rmjax.data.tokenizer import HFTokenizer, common_prefix, is_classifier_folder
+from rmjax.indexing import ReadRows
+
+LAYOUTS = ("shared_prompt", "sequences")
 
 
 def check_record(record: dict, where: str) -> dict:
@@ -57,6 +72,68 @@ def encode_record(record: dict, tokenizer) -> tuple[list[int], list[int]]:
   if "text" in record:
     return tokenizer.encode_prompt_response("", record["text"])
   return tokenizer.encode_prompt_response(record["prompt"], record["response"])
+
+
+def prompt_key(record: dict) -> str | None:
+  """Lines with equal keys share a prompt: its text, or the chat before the last turn (None for
+  a ``text`` line, scored alone)."""
+  if "messages" in record:
+    return json.dumps(record["messages"][:-1], sort_keys=True)
+  return record.get("prompt")
+
+
+class Row(NamedTuple):
+  """One row the model runs: ``[shared | rest 1 | rest 2 | ...]`` with parts 0, 1, 2, ...;
+  ``reads``: ``(line, position of its last token)`` for each line it holds."""
+  ids: list[int]
+  parts: list[int]
+  reads: list[tuple[int, int]]
+
+
+def line_ids(prompt_ids: list[int], response_ids: list[int], max_len: int, tokenizer) -> list[int]:
+  """The tokens a line is scored on: its sequence, cut to ``max_len`` as training cuts it."""
+  keep = kept_prefix(tokenizer, prompt_ids)
+  if not sum(fit(len(prompt_ids), len(response_ids), max_len, keep)):
+    return prompt_ids + response_ids
+  tokens, mask, _ = encode_sequence(prompt_ids, response_ids, max_len, tokenizer.pad_id, keep=keep)
+  return tokens[mask.astype(bool)].tolist()
+
+
+def pack_row(seqs: list[list[int]], lines: list[int]) -> Row:
+  """The lines (sorted by length) in one row; the shared part is their common token prefix, at
+  most the shortest minus its last token, so every line has a rest whose end the reward reads."""
+  shared = min([len(seqs[lines[0]]) - 1] + [common_prefix(seqs[lines[0]], seqs[i])
+                                            for i in lines[1:]])
+  ids, parts, reads = list(seqs[lines[0]][:shared]), [0] * shared, []
+  for k, i in enumerate(lines):
+    ids += seqs[i][shared:]
+    parts += [k + 1] * (len(seqs[i]) - shared)
+    reads.append((i, len(ids) - 1))
+  return Row(ids, parts, reads)
+
+
+def pack_rows(seqs: list[list[int]], keys: list, max_len: int, layout: str) -> list[Row]:
+  """``sequences``: a row per line. ``shared_prompt``: the lines of each key (``prompt_key``),
+  shortest first, as many per row as fit in ``max_len`` tokens (see the module doc)."""
+  if layout == "sequences":
+    return [Row(s, [0] * len(s), [(i, len(s) - 1)]) for i, s in enumerate(seqs)]
+  groups = {}
+  for i, key in enumerate(keys):
+    groups.setdefault(("line", i) if key is None else ("key", key), []).append(i)
+  rows = []
+  for lines in groups.values():
+    lines.sort(key=lambda i: len(seqs[i]))
+    row, shared = [], 0
+    for i in lines:
+      if row:
+        shared = min(shared, common_prefix(seqs[row[0]], seqs[i]))
+        if shared + sum(len(seqs[j]) - shared for j in row + [i]) <= max_len:
+          row.append(i)
+          continue
+        rows.append(pack_row(seqs, row))
+      row, shared = [i], len(seqs[i]) - 1
+    rows.append(pack_row(seqs, row))
+  return rows
 
 
 def bucket_length(n: int, max_len: int) -> int:
@@ -114,13 +191,26 @@ def reward_stats(path: str) -> dict:
   return stats
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def forward(graphdef, state, tokens_BxL, mask_BxL, parts_BxL, reads_BxR):
+  """Rewards at ``reads`` ([B, R]); the last block runs at those positions alone
+  (``Llama.run_from``): the same rewards for less work. Compiled once per model structure and
+  shape, across ``score_file`` calls."""
+  model = nnx.merge(graphdef, state)
+  return model(tokens_BxL, mask_BxL, ReadRows(reads_BxR, reads_BxR), parts_BxL=parts_BxL)[0]
+
+
 def score_file(model, tokenizer, input_path: str, output_path: str, *, batch_size: int = 16,
-               max_len: int = 2048, mesh=None, stats: dict | None = None) -> int:
+               max_len: int = 2048, mesh=None, stats: dict | None = None,
+               layout: str = "shared_prompt") -> int:
   """Scores every line of ``input_path`` into ``output_path``; returns the number of lines.
-  ``stats``: ``{"mean", "std"}`` to write ``(r - mean) / std`` (``reward_stats``).
+  ``stats``: ``{"mean", "std"}`` to write ``(r - mean) / std`` (``reward_stats``). ``layout``:
+  ``shared_prompt`` or ``sequences`` (module doc); ``batch_size`` rows per forward pass.
 
   The output is written to ``<output>.tmp`` and renamed when complete, so a crash never leaves a
   partial file under the final name (nor destroys an earlier output)."""
+  if layout not in LAYOUTS:
+    raise ValueError(f"--layout={layout!r}: expected one of {LAYOUTS}")
   records, encoded = [], []
   for lineno, record in iter_jsonl(input_path):  # malformed JSON / UTF-8: path:line errors
     where = f"{input_path}:{lineno}"
@@ -129,22 +219,34 @@ def score_file(model, tokenizer, input_path: str, output_path: str, *, batch_siz
     except ValueError as e:
       raise ValueError(e if str(e).startswith(where) else f"{where}: {e}") from None
     records.append(record)
+  seqs = [line_ids(p, r, max_len, tokenizer) for p, r in encoded]
+  rows = pack_rows(seqs, [prompt_key(r) for r in records], max_len, layout)
   n_dev = mesh.size if mesh is not None else 1
   batch_size = -(-batch_size // n_dev) * n_dev  # whole rows per device
-  forward = jax.jit(lambda tokens, mask: model(tokens, mask)[0])
-  order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
+  graphdef, state = nnx.split(model)
+  rows.sort(key=lambda row: len(row.ids))
   rewards = np.zeros(len(encoded), np.float32)
-  for start in tqdm(range(0, len(order), batch_size), desc="score", unit="batch"):
-    idx = order[start:start + batch_size]
-    length = bucket_length(max(len(encoded[i][0]) + len(encoded[i][1]) for i in idx), max_len)
-    rows = [encode_sequence(*encoded[i], length, tokenizer.pad_id,
-                            keep=kept_prefix(tokenizer, encoded[i][0])) for i in idx]
-    rows += [rows[-1]] * (batch_size - len(rows))  # fixed batch shape: pad with a repeat
-    tokens, mask = (np.stack([r[k] for r in rows]) for k in (0, 1))
-    batch = {"tokens": tokens, "mask": mask}
+  for start in tqdm(range(0, len(rows), batch_size), desc="score", unit="batch"):
+    batch_rows = rows[start:start + batch_size]
+    length = bucket_length(max(len(row.ids) for row in batch_rows), max_len)
+    n_reads = 1 << (max(len(row.reads) for row in batch_rows) - 1).bit_length()  # few shapes
+    batch = {k: np.zeros((batch_size, n), np.int32)
+             for k, n in (("tokens", length), ("mask", length), ("parts", length),
+                          ("reads", n_reads))}
+    batch["tokens"][:] = tokenizer.pad_id
+    for b in range(batch_size):  # fixed batch shape: pad with a repeat
+      row = batch_rows[min(b, len(batch_rows) - 1)]
+      n = len(row.ids)
+      batch["tokens"][b, :n], batch["mask"][b, :n], batch["parts"][b, :n] = row.ids, 1, row.parts
+      ends = [end for _, end in row.reads]
+      batch["reads"][b] = ends + ends[-1:] * (n_reads - len(ends))
     if mesh is not None:
       batch = sharding.host_to_global(batch, mesh)
-    rewards[idx] = np.asarray(jax.device_get(forward(batch["tokens"], batch["mask"])))[:len(idx)]
+    out_BxR = np.asarray(jax.device_get(forward(graphdef, state, batch["tokens"], batch["mask"],
+                                                batch["parts"], batch["reads"])))
+    for b, row in enumerate(batch_rows):
+      for r, (i, _) in enumerate(row.reads):
+        rewards[i] = out_BxR[b, r]
   if stats is not None:
     rewards = (rewards - np.float32(stats["mean"])) / np.float32(stats["std"])
   tmp = output_path + ".tmp"
@@ -165,7 +267,10 @@ def _cli():
   model_flag = flags.DEFINE_string("model", None, "rmjax run dir, HF folder or .gguf file.")
   input_flag = flags.DEFINE_string("input", None, "JSONL: prompt+response, text or messages.")
   output_flag = flags.DEFINE_string("output", None, "JSONL: each input line plus 'reward'.")
-  batch_flag = flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.")
+  batch_flag = flags.DEFINE_integer("batch_size", 16, "Rows per forward pass.")
+  layout_flag = flags.DEFINE_enum(
+      "layout", "shared_prompt", LAYOUTS, "shared_prompt: lines with one prompt share a row, the "
+      "prompt once (same rewards); sequences: a row per line.")
   max_len_flag = flags.DEFINE_integer("max_len", 2048, "Longest sequence in tokens.")
   normalize_flag = flags.DEFINE_bool(
       "normalize", False, "Write (r - mean) / std with the model's stored validation stats (a "
@@ -181,7 +286,7 @@ def _cli():
       model, tokenizer = load_model(model_flag.value, mesh)
       n = score_file(model, tokenizer, input_flag.value, output_flag.value,
                      batch_size=batch_flag.value, max_len=max_len_flag.value, mesh=mesh,
-                     stats=stats)
+                     stats=stats, layout=layout_flag.value)
     print(json.dumps({"scored": n, "output": output_flag.value}))
 
   app.run(main)
