@@ -94,8 +94,8 @@ def check_memory(config, where: str, compile_: bool = True) -> None:
   except memory.DoesNotFit as e:
     raise SystemExit(f"{e}\n(available: {source})") from None
   logging.getLogger("rmjax").info(
-      "memory: %.2f GiB per device at %d tokens (%s), %.2f GiB available (%s)",
-      need[max(need)] / 2 ** 30, max(need), "XLA" if compile_ else "plan", budget / 2 ** 30, source)
+      "memory: %.1f MiB per device at %d tokens (%s), %.1f MiB available (%s)",
+      need[max(need)] / 2 ** 20, max(need), "XLA" if compile_ else "plan", budget / 2 ** 20, source)
 
 
 # config fields that may differ on any resume of a run: where it runs (the mesh, folders of the raw
