@@ -20,8 +20,9 @@ shared machine; the figures are medians over rounds, speedups medians of per-rou
 Printed per contestant: pairs/s; real tokens/s (the pairs' non-pad tokens, the same data for
 both layouts); XLA's cost-analysis FLOPs per pair (mean over the batches); the padding share of
 the rows the model runs. Before timing, each loss is evaluated on one batch in both layouts from
-the same weights (equal up to float32 rounding). The last line is one JSON object: ``hh_speedup``, ``gsm8k_speedup`` (the
-lower over the losses of ``shared_prompt`` pairs/s over ``pairs``), and every figure.
+the same weights (equal up to float32 rounding). The last line is one JSON object:
+``hh_speedup``, ``gsm8k_speedup`` (the lower over the losses of ``shared_prompt`` pairs/s over
+``pairs``), and every figure.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ _MAX_LEN = flags.DEFINE_list("max_len", ["hh_rlhf=512", "gsm8k_solutions=320"],
                              "data.max_len per dataset (buckets above it are dropped).")
 _LAYERS = flags.DEFINE_integer("layers", 4, "Decoder blocks (SmolLM2-135M has 30).")
 _PAIRS = flags.DEFINE_integer("pairs", 8, "B: pairs per batch.")
-_BATCHES = flags.DEFINE_integer("batches", 8, "Batches per contestant and round (one sort window).")
+_BATCHES = flags.DEFINE_integer("batches", 8, "Batches per contestant and round (a sort window).")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds.")
 
 
