@@ -41,7 +41,8 @@ def config_from_gguf(reader, **overrides) -> LlamaConfig:
   head_dim = _field(reader, f"{arch}.attention.key_length",
                     _field(reader, f"{arch}.rope.dimension_count", dim // heads))
   fields = dict(
-      vocab_size=int(embed.shape[1]), dim=dim, num_layers=int(_field(reader, f"{arch}.block_count")),
+      vocab_size=int(embed.shape[1]), dim=dim,
+      num_layers=int(_field(reader, f"{arch}.block_count")),
       num_heads=heads, num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
       head_dim=int(head_dim), mlp_dim=int(_field(reader, f"{arch}.feed_forward_length")),
       rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),

@@ -23,6 +23,8 @@ FAMILIES = {
 }
 ARCHITECTURES = tuple(FAMILIES)
 SWITCHES = ("qkv_bias", "qk_norm", "norm_plus_one", "sandwich_norms", "embed_scale")
+# HF config classes' head_dim where config.json has none (the others: hidden_size / heads)
+HEAD_DIM_DEFAULTS = {"qwen3": 128, "gemma2": 256}
 # HF hidden_act / hidden_activation -> LlamaConfig.mlp_act
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 # tensors a reward model does not use: the LM head, rotary buffers of old checkpoints
@@ -66,7 +68,8 @@ def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
   fields = dict(
       vocab_size=hf["vocab_size"], dim=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
       num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
-      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, mlp_dim=hf["intermediate_size"],
+      head_dim=hf.get("head_dim") or HEAD_DIM_DEFAULTS.get(arch, hf["hidden_size"] // heads),
+      mlp_dim=hf["intermediate_size"],
       norm_eps=hf["rms_norm_eps"], mlp_act=ACTIVATIONS[act],
       tie_embeddings=bool(hf.get("tie_word_embeddings", arch != "mistral")),
       sliding_window=window, sliding_layers=sliding_layers, **FAMILIES[arch], **_rope_fields(hf))
