@@ -33,7 +33,7 @@ STD = 0.3
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request, tmp_path_factory):
   """One family's HF folder, PyTorch classifier, and rmjax's import on one device with its
-  outputs on a batch of rows 0-1 and 4-5 right-padded, 2-3 and 6-7 left-padded (12 tokens)."""
+  outputs on 8 rows of 12 tokens: rows 0-1 and 6-7 right-padded, 2-5 left-padded."""
   folder = tmp_path_factory.mktemp(request.param)
   ref = save_tiny(request.param, folder, classifier=True, std=STD, **FAMILIES[request.param])
   tokens, mask = padded_batch()
