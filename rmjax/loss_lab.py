@@ -9,7 +9,6 @@ there, at a fraction of the cost. ``scripts/loss_lab.py`` sweeps settings and se
 """
 from __future__ import annotations
 
-import ast
 import json
 import os
 
@@ -22,6 +21,7 @@ from flax import nnx
 
 from rmjax import objective, sharding
 from rmjax.cache_features import FeatureSource, top_param_paths
+from rmjax.config_tools import flatten, override
 from rmjax.eval.metrics import auroc_ci, pairwise_accuracy, unique_solutions
 from rmjax.train import make_eval_step, make_train_step
 from rmjax.train_state import abstract_state, merge, trainable_filter
@@ -29,43 +29,17 @@ from rmjax.train_state import abstract_state, merge, trainable_filter
 BATCH_FIELDS = ("features", "tokens", "mask", "response", "margin")
 
 
-def parse_value(text: str):
-  """A command-line value: ``true``/``false``, ``none``, a Python literal (``3``, ``1e-4``,
-  ``(2, 1, 1)``), else the string itself."""
-  lowered = text.strip().lower()
-  if lowered in ("true", "false", "none"):
-    return {"true": True, "false": False, "none": None}[lowered]
-  try:
-    return ast.literal_eval(text.strip())
-  except (ValueError, SyntaxError):
-    return text
-
-
 def lab_config(features_dir: str, **overrides) -> ml_collections.ConfigDict:
   """The config the features were cached with, set up to train on them; ``overrides`` are
-  dotted paths (``{"loss.beta": 0.1, "optim.lr": 1e-4}``). A string value is parsed
-  (``parse_value``) unless the field holds a string; the field's type must accept the result."""
+  dotted paths (``{"loss.beta": 0.1, "optim.lr": "1e-4"}``), a string parsed as
+  ``--config.optim.lr=1e-4`` is (``config_tools.override``)."""
   with open(os.path.join(features_dir, "meta.json")) as f:
     meta = json.load(f)
   config = ml_collections.ConfigDict(meta["config"])
   config.model = ml_collections.ConfigDict({**meta["model"], "init_from": ""})
   config.train.trainable_top_layers = meta["model"]["num_layers"] - meta["layer"]
   config.train.accum_steps = 1
-  for path, value in overrides.items():
-    *parents, leaf = path.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    if leaf not in node:
-      raise ValueError(f"unknown config field {path!r}")
-    if isinstance(value, str) and not isinstance(node[leaf], str):
-      value = parse_value(value)
-    try:
-      node[leaf] = value
-    except TypeError as e:
-      raise ValueError(f"config field {path!r}: cannot set {value!r} ({type(value).__name__}) "
-                       f"on a field holding {node[leaf]!r}: {e}") from None
-  return config
+  return override(config, overrides)
 
 
 def run_record(config, features_dir: str, **settings) -> dict:
@@ -76,12 +50,6 @@ def run_record(config, features_dir: str, **settings) -> dict:
                                 "config": json.loads(config.to_json()), **settings}))
 
 
-def _flat(tree, prefix: str = "") -> dict:
-  if not isinstance(tree, dict):
-    return {prefix: tree}
-  return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
-
-
 def check_resumable(stored: dict, record: dict, what: str) -> None:
   """A ValueError unless the stored result ``what`` was run as ``record`` says."""
   if stored.get("run") == record:
@@ -89,8 +57,8 @@ def check_resumable(stored: dict, record: dict, what: str) -> None:
   if "run" not in stored:
     raise ValueError(f"{what}: stored without its settings, so it cannot be resumed; use another "
                      "--out or delete it")
-  old, new = _flat(stored["run"]), _flat(record)
-  diff = [f"{k.rstrip('.')}: {old.get(k)!r} -> {new.get(k)!r}"
+  old, new = flatten(stored["run"]), flatten(record)
+  diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
           for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
   raise ValueError(f"{what}: stored with other settings ({'; '.join(diff[:5])}); use another "
                    "--out or delete it")

@@ -107,11 +107,13 @@ ADDED_FIELDS = {"data.convention": "rmjax", "data.layout": "pairs", "loss.center
 
 
 def _with_added_fields(old_flat: dict, new_flat: dict) -> dict:
-  """``old_flat`` plus the fields only ``new_flat`` has, at the values that mean the old behaviour."""
+  """``old_flat`` plus the fields only ``new_flat`` has, at the values that mean the old behaviour
+  (a model field set to None means its default)."""
   from rmjax.models.llama import LlamaConfig
   added = {**ADDED_FIELDS, **{f"model.{f.name}": f.default
                               for f in dataclasses.fields(LlamaConfig)}}
-  return {**{k: added[k] for k in new_flat.keys() - old_flat.keys() if k in added}, **old_flat}
+  return {**{k: None if k.startswith("model.") and new_flat[k] is None else added[k]
+             for k in new_flat.keys() - old_flat.keys() if k in added}, **old_flat}
 
 
 def save_config(config, workdir: str, *, write: bool = True, allow_change: bool = False) -> None:
@@ -121,7 +123,7 @@ def save_config(config, workdir: str, *, write: bool = True, allow_change: bool 
   then the change is appended to ``config_history.jsonl`` and the first config kept as
   ``config_original.json`` (module docstring). Another architecture is always refused.
   """
-  from rmjax import checkpoint, train_state
+  from rmjax import checkpoint, config_tools, train_state
   from rmjax.models.llama import RUN_ONLY_FIELDS
   path = os.path.join(workdir, "config.json")
   new = json.loads(config.to_json_best_effort())
@@ -141,8 +143,8 @@ def save_config(config, workdir: str, *, write: bool = True, allow_change: bool 
       raise ValueError(f"{path}: this workdir's run has another architecture: " + ", ".join(
           f"model.{k}={a!r} (config.json: {b!r})" for k, (a, b) in wrong.items())
           + "; use a new --workdir, or the run's config")
-    new_flat = _flatten(new)
-    old_flat = _with_added_fields(_flatten(old), new_flat)
+    new_flat = config_tools.flatten(new)
+    old_flat = _with_added_fields(config_tools.flatten(old), new_flat)
     changed = {k: {side: flat[k] for side, flat in (("old", old_flat), ("new", new_flat))
                    if k in flat}
                for k in sorted(old_flat.keys() | new_flat.keys())
@@ -174,14 +176,6 @@ def save_config(config, workdir: str, *, write: bool = True, allow_change: bool 
         previous = f.read()
     checkpoint.write_text(history, previous + json.dumps(record) + "\n")
   checkpoint.write_json(path, new, indent=2)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-  flat = {}
-  for k, v in tree.items():
-    flat.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-  return flat
 
 
 def _latest_checkpoint(workdir: str) -> int | None:

@@ -93,9 +93,9 @@ def config_for(variant: str, **model_fields):
 
 
 def parse_vs(entries: list[str]) -> dict[str, dict]:
-  """``--vs`` entries -> {contestant name: model fields}; values parse as ``loss_lab --set``'s
-  do, checked against the model config's fields and types."""
-  from rmjax.loss_lab import parse_value
+  """``--vs`` entries -> {contestant name: model fields}; values parse as ``--config.model.k=v``
+  does (``rmjax.config_tools.override``), checked against the model config's fields and types."""
+  from rmjax.config_tools import override
   model = config_for("bt").model
   out = {}
   for entry in entries:
@@ -103,8 +103,8 @@ def parse_vs(entries: list[str]) -> dict[str, dict]:
     if not sep or key not in model:
       raise app.UsageError(f"--vs entry {entry!r}: expected field=value with a model field "
                            f"({', '.join(sorted(model.keys()))})")
-    value = raw if isinstance(model[key], str) else parse_value(raw)
     try:
+      value = override(config_for("bt").model, {key: raw})[key]
       c = config_for("bt", **{key: value})
     except (TypeError, ValueError) as e:
       raise app.UsageError(f"--vs entry {entry!r}: {e}") from e

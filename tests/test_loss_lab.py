@@ -126,9 +126,13 @@ def test_lab_config_parses_command_line_values(tmp_path):
   assert config.optim.lr == 1e-4 and config.train.steps == 7 and config.seed == 3
   assert tuple(config.mesh.dcn_shape) == (1, 1, 1)  # a None field takes the parsed value
   assert config.loss.contrastive.goal == "avg" and config.loss.custom == ""
-  for field, value in (("train.steps", "2.5"), ("loss.sparse_last_block", "maybe")):
+  for field, value in (("train.steps", "2.5"), ("loss.sparse_last_block", "maybe"),
+                       ("train.steps", 2.5)):
     with pytest.raises(ValueError, match=f"config field '{field}'"):
       loss_lab.lab_config(features, **{field: value})
+  for field in ("train.nope", "train.steps.x"):
+    with pytest.raises(ValueError, match=f"unknown config field '{field}'"):
+      loss_lab.lab_config(features, **{field: "1"})
 
 
 def _script(name):
@@ -160,8 +164,9 @@ def test_loss_lab_script_resumes_only_runs_with_the_same_settings(tmp_path, monk
   assert trained[0].loss.custom == "rmjax.losses:bt_term=0.25"
   script.main(args)  # same settings: resumed, not run again
   assert len(trained) == 1
-  for changed in ("--steps=3", "--set=optim.lr=0.5", "--n_boot=10"):
-    with pytest.raises(ValueError, match="stored with other settings"):
+  for changed, diff in (("--steps=3", "config.train.steps: 2 -> 3"),
+                        ("--set=optim.lr=0.5", "config.optim.lr: "), ("--n_boot=10", "n_boot: ")):
+    with pytest.raises(ValueError, match=f"stored with other settings \\({diff}"):
       script.main(args + [changed])
   assert len(trained) == 1
   sweep = [f"--features={features}", "--sweep=beta=0,0.5", "--sweep=lr=1e-4", "--seeds=1",
