@@ -56,6 +56,17 @@ def model(**fields) -> ConfigDict:
   c.rope_theta = 10_000.0
   c.norm_eps = 1e-5
   c.qkv_bias = False  # True for Qwen2-style models
+  # Family switches (docs/interop.md, Families). None: off for a new model, the checkpoint's
+  # value with init_from (which always supplies them).
+  c.sliding_window = placeholder(int)  # attend to at most this many latest tokens
+  c.sliding_layers = placeholder(tuple)  # the windowed layers (None: all)
+  c.qk_norm = placeholder(bool)  # Qwen3: RMSNorm on each head's queries and keys
+  c.norm_plus_one = placeholder(bool)  # Gemma: RMSNorm scales by 1 + w
+  c.sandwich_norms = placeholder(bool)  # Gemma 2: norms on the attention and MLP outputs too
+  c.embed_scale = placeholder(bool)  # Gemma: embeddings times sqrt(dim)
+  c.mlp_act = placeholder(str)  # gated MLP activation: 'silu' (default), 'gelu_tanh', 'gelu'
+  c.attn_softcap = placeholder(float)  # Gemma 2: logits -> c·tanh(logits / c)
+  c.query_pre_attn_scalar = placeholder(float)  # Gemma 2: softmax scale 1/sqrt(this)
   c.param_dtype = "float32"
   c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (weights stay param_dtype)
   c.attention = "xla"  # 'xla', or 'cudnn': flash attention on NVIDIA GPUs (bf16 dtype)

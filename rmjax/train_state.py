@@ -46,8 +46,8 @@ def model_config(config) -> LlamaConfig:
   checkpoint's; any architecture field the config also sets must agree with it."""
   fields = {k: v for k, v in config.model.items() if k != "init_from"}
   init_from = config.model.get("init_from", "")
-  if not init_from:
-    return LlamaConfig(**fields)
+  if not init_from:  # None: LlamaConfig's default
+    return LlamaConfig(**{k: v for k, v in fields.items() if v is not None})
   cfg = convert.pretrained_config(init_from, **{k: fields[k] for k in ARCH_EXEMPT if k in fields})
   wrong = {k: (v, getattr(cfg, k)) for k, v in fields.items()
            if k not in ARCH_EXEMPT and v is not None and not _same(getattr(cfg, k), v)}

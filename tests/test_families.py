@@ -113,3 +113,20 @@ def test_init_from_takes_the_family_switches_as_architecture(family):
   with pytest.raises(ValueError, match=rf"disagrees with the config on model.norm_plus_one="
                      rf"{flipped}"):
     train_state.model_config(config)
+
+
+def test_family_switches_are_config_fields_defaulting_to_off():
+  """``config.model`` carries every family switch: None builds a new model with LlamaConfig's
+  default (off), a value reaches the model (``--config.model.qk_norm=True``)."""
+  from rmjax.train_state import model_config
+  from tests.helpers import tiny_config
+  config = tiny_config("bt")
+  switches = ("sliding_window", "sliding_layers", "qk_norm", "norm_plus_one", "sandwich_norms",
+              "embed_scale", "mlp_act", "attn_softcap", "query_pre_attn_scalar")
+  from rmjax.models import LlamaConfig
+  default = LlamaConfig()
+  assert {k: getattr(model_config(config), k) for k in switches} == {
+      k: getattr(default, k) for k in switches}
+  config.model.qk_norm, config.model.mlp_act = True, "gelu_tanh"
+  cfg = model_config(config)
+  assert cfg.qk_norm and cfg.mlp_act == "gelu_tanh"

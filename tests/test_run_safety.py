@@ -79,11 +79,12 @@ def test_a_run_written_before_fields_were_added_resumes_unless_their_value_chang
   a value that changes the run is refused. data.convention is recorded resolved."""
   config = tiny_config("paper")
   config.data.convention, config.loss.center_rewards = "", 0.0
-  config.model.qk_norm = False
+  config.model.qk_norm = None  # the family switches' default: off, or the checkpoint's
   save_config(config, str(tmp_path))
   saved = json.loads(read(tmp_path / "config.json"))
   assert saved["data"]["convention"] == "rmjax"  # '' resolved: no init_from classifier
-  for block, field in (("data", "convention"), ("loss", "center_rewards"), ("model", "qk_norm")):
+  for block, field in (("data", "convention"), ("loss", "center_rewards"), ("model", "qk_norm"),
+                       ("model", "mlp_act")):
     del saved[block][field]
   with open(tmp_path / "config.json", "w") as f:
     json.dump(saved, f)
