@@ -112,9 +112,24 @@ def pack_row(seqs: list[list[int]], lines: list[int]) -> Row:
   return Row(ids, parts, reads)
 
 
+def pack_group(seqs: list[list[int]], lines: list[int], cap: int) -> list[Row]:
+  """The lines of one prompt, shortest first, as many per row as fit in ``cap`` tokens."""
+  rows, row, shared = [], [], 0
+  for i in sorted(lines, key=lambda i: len(seqs[i])):
+    if row:
+      shared = min(shared, common_prefix(seqs[row[0]], seqs[i]))
+      if shared + sum(len(seqs[j]) - shared for j in row + [i]) <= cap:
+        row.append(i)
+        continue
+      rows.append(pack_row(seqs, row))
+    row, shared = [i], len(seqs[i]) - 1
+  return rows + [pack_row(seqs, row)]
+
+
 def pack_rows(seqs: list[list[int]], keys: list, max_len: int, layout: str) -> list[Row]:
-  """``sequences``: a row per line. ``shared_prompt``: the lines of each key (``prompt_key``),
-  shortest first, as many per row as fit in ``max_len`` tokens (see the module doc)."""
+  """``sequences``: a row per line. ``shared_prompt``: the lines of each key (``prompt_key``)
+  packed (``pack_group``) under the row length, a bucket up to ``max_len``, that leaves the
+  fewest tokens to run once each row is padded to its bucket (the smaller length on a tie)."""
   if layout == "sequences":
     return [Row(s, [0] * len(s), [(i, len(s) - 1)]) for i, s in enumerate(seqs)]
   groups = {}
@@ -122,17 +137,10 @@ def pack_rows(seqs: list[list[int]], keys: list, max_len: int, layout: str) -> l
     groups.setdefault(("line", i) if key is None else ("key", key), []).append(i)
   rows = []
   for lines in groups.values():
-    lines.sort(key=lambda i: len(seqs[i]))
-    row, shared = [], 0
-    for i in lines:
-      if row:
-        shared = min(shared, common_prefix(seqs[row[0]], seqs[i]))
-        if shared + sum(len(seqs[j]) - shared for j in row + [i]) <= max_len:
-          row.append(i)
-          continue
-        rows.append(pack_row(seqs, row))
-      row, shared = [i], len(seqs[i]) - 1
-    rows.append(pack_row(seqs, row))
+    cap = bucket_length(max(len(seqs[i]) for i in lines), max_len)
+    caps = [cap << k for k in range(max_len.bit_length()) if cap << k < max_len] + [max_len]
+    options = [pack_group(seqs, lines, c) for c in caps]
+    rows += min(options, key=lambda rs: sum(bucket_length(len(r.ids), max_len) for r in rs))
   return rows
 
 

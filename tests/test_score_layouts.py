@@ -136,7 +136,8 @@ def test_hf_convention_rewards_equal_scoring_each_line_alone(tmp_path):
   bpe_tokenizer(folder)
   save_tiny("qwen2", folder, classifier=True, std=0.1, vocab_size=320, pad_token_id=0,
             tie_word_embeddings=False)
-  lines = [x for x in LINES if len(x.get("response", "")) < 40 and "long" not in x.get("prompt", "")]
+  lines = [x for x in LINES
+           if len(x.get("response", "")) < 40 and "long" not in x.get("prompt", "")]
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   with sharding.use_mesh(mesh):
     model, tokenizer = load_model(str(folder), mesh)
