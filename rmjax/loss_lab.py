@@ -23,7 +23,7 @@ from rmjax import objective, sharding
 from rmjax.cache_features import FeatureSource, top_param_paths
 from rmjax.config_tools import flatten, override
 from rmjax.eval.metrics import auroc_ci, pairwise_accuracy, unique_solutions
-from rmjax.train import make_eval_step, make_train_step
+from rmjax.train import itstime, make_eval_step, make_train_step
 from rmjax.train_state import abstract_state, merge, trainable_filter
 
 BATCH_FIELDS = ("features", "tokens", "mask", "response", "margin")
@@ -95,14 +95,15 @@ def _batches(source, batch_size: int, *, seed: int):
 
 
 def pair_rewards(eval_step, state, data: dict, batch_size: int):
-  """``(reward_chosen_N, reward_rejected_N)`` of every pair of ``data`` (``source.arrays()``)."""
-  n = len(data["mask"])
+  """``(reward_chosen_N, reward_rejected_N)`` of every pair of ``data`` (``source.arrays()``);
+  each batch is put explicitly on the state's mesh."""
+  n, mesh = len(data["mask"]), jax.tree.leaves(state)[0].sharding.mesh
   chosen, rejected = [], []
   for start in range(0, n, batch_size):
     idx = np.minimum(np.arange(start, start + batch_size), n - 1)
     batch = {k: data[k][idx].astype(np.float32 if k == "features" else data[k].dtype)
              for k in BATCH_FIELDS}
-    r_c, r_r = jax.device_get(eval_step(state, batch))
+    r_c, r_r = jax.device_get(eval_step(state, sharding.host_to_global(batch, mesh)))
     chosen.append(r_c[:n - start])
     rejected.append(r_r[:n - start])
   return np.concatenate(chosen), np.concatenate(rejected)
@@ -157,10 +158,11 @@ def run(config, features_dir: str, *, eval_split: str = "validation", eval_every
     for step in range(1, steps + 1):
       batch = next(batches)
       batch["features"] = batch["features"].astype(np.float32)
-      state, metrics = step_fn(state, batch)
-      if (eval_every and step % eval_every == 0) or step == steps:
+      state, metrics = step_fn(state, sharding.host_to_global(batch, mesh, config.mesh.rules))
+      if itstime(step, eval_every or steps, steps):  # eval_every=0: only after the last step
+        loss = float(jax.device_get(metrics["loss"]))  # the one read of this step's metrics
         m = evaluate(eval_step, state, eval_src, config.train.batch_size, n_boot=n_boot)
-        history.append({"step": step, "train_loss": float(metrics["loss"]), **m})
+        history.append({"step": step, "train_loss": loss, **m})
         if progress:
           print(json.dumps(history[-1]), flush=True)
     if save_to:

@@ -56,14 +56,25 @@ def test_features_give_the_full_models_loss_and_gradients(cached):
   assert_tree_close(lab_grads, full_grads, rtol=1e-4)  # float32 rounding, not a dropped term
 
 
-def test_lab_run_fits_its_training_pairs_and_reports_metrics(cached, tmp_path):
+def test_lab_run_fits_its_training_pairs_and_reports_metrics(cached, tmp_path, monkeypatch):
   """16 training pairs, all in each step's batch: the run must lower their loss and rank them
-  better than the pretrained top (deterministic: fixed features, seed and batch order)."""
+  better than the pretrained top (deterministic: fixed features, seed and batch order). Its loop
+  and evaluation make no implicit transfer, as the trainer's (set-up may: test_train)."""
   _, _, out, _ = cached
   config = loss_lab.lab_config(out, **{"train.steps": 9, "train.batch_size": 16,
                                        "optim.lr": 1e-2, "optim.warmup_steps": 0})
   saved = str(tmp_path / "top.npz")
-  result = loss_lab.run(config, out, eval_every=3, n_boot=50, save_to=saved)
+
+  def allowed(f):
+    def run(*args, **kwargs):
+      with jax.transfer_guard("allow"):
+        return f(*args, **kwargs)
+    return run
+  for name in ("lab_state", "make_train_step", "make_eval_step"):
+    monkeypatch.setattr(loss_lab, name, allowed(getattr(loss_lab, name)))
+  with jax.transfer_guard("disallow"):
+    result = loss_lab.run(config, out, eval_every=3, n_boot=50, save_to=saved)
+  monkeypatch.undo()
   history = result["history"]
   assert [h["step"] for h in history] == [3, 6, 9]
   losses = [h["train_loss"] for h in history]  # the whole train split's loss at each step
