@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from rmjax import objective, sharding
+from rmjax import objective, sharding, train
 from rmjax.cache_features import FeatureSource, top_param_paths
 from rmjax.config_tools import flatten, override
 from rmjax.eval.metrics import auroc_ci, pairwise_accuracy, unique_solutions
@@ -95,18 +95,18 @@ def _batches(source, batch_size: int, *, seed: int):
 
 
 def pair_rewards(eval_step, state, data: dict, batch_size: int):
-  """``(reward_chosen_N, reward_rejected_N)`` of every pair of ``data`` (``source.arrays()``);
-  each batch is put explicitly on the state's mesh."""
+  """``(reward_chosen_N, reward_rejected_N)`` of every pair of ``data`` (``source.arrays()``):
+  ``train.pair_rewards`` over its batches, each put explicitly on the state's mesh (the last
+  batch padded with the last pair)."""
   n, mesh = len(data["mask"]), jax.tree.leaves(state)[0].sharding.mesh
-  chosen, rejected = [], []
-  for start in range(0, n, batch_size):
-    idx = np.minimum(np.arange(start, start + batch_size), n - 1)
-    batch = {k: data[k][idx].astype(np.float32 if k == "features" else data[k].dtype)
-             for k in BATCH_FIELDS}
-    r_c, r_r = jax.device_get(eval_step(state, sharding.host_to_global(batch, mesh)))
-    chosen.append(r_c[:n - start])
-    rejected.append(r_r[:n - start])
-  return np.concatenate(chosen), np.concatenate(rejected)
+
+  def batches():
+    for start in range(0, n, batch_size):
+      idx = np.minimum(np.arange(start, start + batch_size), n - 1)
+      batch = {k: data[k][idx].astype(np.float32 if k == "features" else data[k].dtype)
+               for k in BATCH_FIELDS}
+      yield sharding.host_to_global(batch, mesh), min(batch_size, n - start)
+  return train.pair_rewards(eval_step, state, batches())
 
 
 def evaluate(eval_step, state, source: FeatureSource, batch_size: int, *, n_boot: int = 1000

@@ -110,19 +110,26 @@ def distinct_solutions(source, tokenizer, config) -> np.ndarray:
                           np.repeat([ex.get("problem_id", i) for i, ex in enumerate(examples)], 2))
 
 
+def pair_rewards(eval_step, state, batches) -> tuple[np.ndarray, np.ndarray]:
+  """``(reward_chosen_N, reward_rejected_N)`` over ``batches`` of ``(device batch, n_real)``, the
+  padding rows after ``n_real`` dropped: the one evaluation loop (the trainer's, the loss lab's)."""
+  chosen, rejected = [], []
+  for batch, n_real in batches:
+    r_c, r_r = jax.device_get(eval_step(state, batch))
+    chosen.append(np.asarray(r_c)[:n_real])
+    rejected.append(np.asarray(r_r)[:n_real])
+  return np.concatenate(chosen), np.concatenate(rejected)
+
+
 def evaluate(eval_step, state, source, tokenizer, config, mesh, rules,
              solutions=None) -> dict[str, float]:
   """Rewards of every held-out pair -> pairwise accuracy, and AUROC of reward vs correctness, mean
   and std (``reward_mean``, ``reward_std``) over the rows ``solutions`` (``distinct_solutions``;
   every row when None)."""
-  chosen, rejected = [], []
-  for batch, n_real in eval_batches(source, tokenizer, global_batch_size=config.train.batch_size,
-                                    max_len=config.data.max_len,
-                                    padding_side=config.data.padding_side):
-    r_c, r_r = eval_step(state, sharding.host_to_global(batch, mesh, rules))
-    chosen.append(np.asarray(jax.device_get(r_c))[:n_real])
-    rejected.append(np.asarray(jax.device_get(r_r))[:n_real])
-  chosen, rejected = np.concatenate(chosen), np.concatenate(rejected)
+  batches = eval_batches(source, tokenizer, global_batch_size=config.train.batch_size,
+                         max_len=config.data.max_len, padding_side=config.data.padding_side)
+  chosen, rejected = pair_rewards(eval_step, state, (
+      (sharding.host_to_global(batch, mesh, rules), n_real) for batch, n_real in batches))
   rewards = np.stack([chosen, rejected], 1).reshape(-1)
   stats = reward_stats(rewards if solutions is None else rewards[solutions])
   return {**preference_metrics(chosen, rejected, solutions), "reward_mean": stats["mean"],
