@@ -26,7 +26,8 @@ LINES = ([{"prompt": p, "response": r} for p in PROMPTS for r in RESPONSES]
                           {"role": "assistant", "content": "hello there"}]}])
 
 
-def score(model, tokenizer, lines, tmp_path, layout, batch_size=4) -> list[dict]:
+def score(model, tokenizer, lines, tmp_path, layout, batch_size=16) -> list[dict]:
+  """Few batches, so few shapes to compile: the test stays quick."""
   (tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
   score_file(model, tokenizer, str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"),
              batch_size=batch_size, max_len=MAX_LEN, layout=layout)
@@ -114,12 +115,12 @@ def test_a_changed_response_moves_only_its_own_reward(rmjax_model, tmp_path):
   last = max(range(len(lines)), key=lambda i: len(lines[i]["response"]))
   with sharding.use_mesh(mesh):
     base = np.array([o["reward"] for o in score(model, ByteTokenizer(), lines, tmp_path,
-                                                 "shared_prompt", batch_size=1)])
+                                                 "shared_prompt", batch_size=8)])
     for i in (first, last):
       changed = [dict(x) for x in lines]
       changed[i]["response"] = changed[i]["response"][:-2] + "?!"
       got = np.array([o["reward"] for o in score(model, ByteTokenizer(), changed, tmp_path,
-                                                  "shared_prompt", batch_size=1)])
+                                                  "shared_prompt", batch_size=8)])
       others = np.arange(len(lines)) != i
       np.testing.assert_allclose(got[others], base[others], rtol=1e-6)
       assert abs(got[i] - base[i]) > 1e-3 * np.max(np.abs(base))
