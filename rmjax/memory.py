@@ -283,13 +283,19 @@ def compiled(config, mesh: jax.sharding.Mesh):
 
 def abstract_batch(config, mesh: jax.sharding.Mesh) -> dict:
   """The trainer's global batch (``train.batch_size`` pairs x ``data.max_len``) as sharded
-  ``ShapeDtypeStruct``s."""
+  ``ShapeDtypeStruct``s; with ``data.layout='shared_prompt'`` also its longest shared rows
+  (``2 * max_len``: a pair's two sequences with nothing in common)."""
+  from rmjax.data.pipeline import SHARED_FIELDS
   rules = tuple(tuple(r) for r in config.mesh.rules)
   b, l = config.train.batch_size, config.data.max_len
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(
       shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape), rules))
   batch = {k: spec((b, 2, l), np.int32) for k in ("tokens", "mask", "response")}
   batch["margin"] = spec((b,), np.float32)
+  batch["truncated"] = spec((b, 2), np.int32)
+  if config.data.get("layout", "pairs") == "shared_prompt":
+    batch.update({k: spec((b, 2 * l), np.int32) for k in SHARED_FIELDS})
+    batch["shared_index"] = spec((b, 2, l), np.int32)
   return batch
 
 

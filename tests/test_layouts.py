@@ -165,3 +165,23 @@ def test_unknown_layout_is_an_error():
   with pytest.raises(ValueError, match="data.layout='rows'"):
     train_dataset(SyntheticMath(8), ByteTokenizer(), global_batch_size=4, max_len=48, seed=0,
                   layout="rows")
+
+
+@pytest.mark.parametrize("layout", ["pairs", "shared_prompt"])
+def test_memory_planning_compiles_the_batch_the_pipeline_gives(layout):
+  """``memory.abstract_batch`` (what ``rmjax.main``'s memory check and ``rmjax.aot`` compile) has
+  the pipeline's fields and dtypes in either layout, each at least as long as any batch."""
+  from rmjax import memory
+  config = tiny_config("paper")
+  config.data.layout = layout
+  config.data.max_len, config.train.batch_size = 48, 4
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  planned = memory.abstract_batch(config, mesh)
+  batches = iter(train_dataset(SyntheticMath(64, split="validation"), ByteTokenizer(),
+                               global_batch_size=4, max_len=48, seed=0, layout=layout))
+  for _ in range(4):
+    batch = next(batches)
+    assert set(batch) == set(planned)
+    for k, v in batch.items():
+      assert v.dtype == planned[k].dtype and v.ndim == len(planned[k].shape), k
+      assert all(a <= b for a, b in zip(v.shape, planned[k].shape)), (k, v.shape)
