@@ -100,3 +100,23 @@ def test_main_with_compile_reads_xlas_bytes(monkeypatch):
   monkeypatch.setattr(memory, "device_bytes", lambda device: (2 ** 10, "fake"))
   with pytest.raises(SystemExit, match=r"at 64 tokens .* XLA's compiled step needs [\d.]+ MiB"):
     main.check_memory(config, "x.py")
+
+
+def test_a_step_that_fits_by_a_wide_margin_is_not_compiled(monkeypatch):
+  """The plan times ``PLAN_MARGIN`` within the budget: no compile (it costs a tiny run as much
+  as its training); closer than that: compiled."""
+  config = bucketed()
+  config.train.batch_size = 8 * jax.device_count()
+  mesh = (jax.device_count(), 1, 1)
+  need = planned(config, 64, mesh)
+  compiled = []
+  monkeypatch.setattr(memory, "compiled", lambda c, m: compiled.append(c) or 1 / 0)
+  monkeypatch.setattr(memory, "device_bytes",
+                      lambda device: (round(need * memory.PLAN_MARGIN), "fake"))
+  main.check_memory(config, "x.py")
+  assert not compiled
+  monkeypatch.setattr(memory, "device_bytes",
+                      lambda device: (round(need * memory.PLAN_MARGIN) - 1, "fake"))
+  with pytest.raises(ZeroDivisionError):
+    main.check_memory(config, "x.py")
+  assert compiled
