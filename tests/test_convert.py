@@ -156,6 +156,7 @@ def test_smollm2_gguf_matches_transformers_gguf_loading(mesh1):
   np.testing.assert_allclose(h[real], h_ref[real], atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.slow  # over a minute on 2 cores: -m slow
 def test_train_from_pretrained_updates_only_top_layers(tmp_path):
   from flax import nnx
 

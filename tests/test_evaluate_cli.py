@@ -246,7 +246,8 @@ LEVERS = {"model.remat": ("full", "none"), "model.scan_layers": (True, False),
              for k, v in (("buckets", (16, 32)), ("sort_window", 4), ("num_threads", 3),
                           ("num_workers", 1))}}
 # values a config chooses on purpose, unlike the code's defaults
-CHOSEN = {"gsm8k_smollm2.py": {"train.trainable_top_layers"}}
+CHOSEN = {"gsm8k_smollm2.py": {"train.trainable_top_layers"},
+          "pod.py": {"model.remat", "model.scan_layers"}}  # sized for pods: chosen, documented
 
 
 def _get(config, path):

@@ -186,6 +186,7 @@ def test_loss_lab_script_resumes_only_runs_with_the_same_settings(tmp_path, monk
   assert saved[1:] == [str(tmp_path / "tops" / f"beta={b}_lr=1e-4_s1.npz") for b in ("0", "0.5")]
 
 
+@pytest.mark.slow  # over a minute on 2 cores: -m slow
 def test_exported_lab_run_scores_as_the_lab_evaluates(cached, tmp_path):
   """Cached backbone's lower block + the lab's trained top, as a run folder and an HF folder: the
   full models, from tokens, give the lab's held-out rewards (from features) and accuracy."""

@@ -70,6 +70,7 @@ def test_plan_predicts_state_and_batch_bytes_of_the_compiled_step(mesh_shape):
   assert plan.activations > 0
 
 
+@pytest.mark.slow  # over a minute on 2 cores: -m slow
 def test_plan_memory_cli_compiles_and_matches_xla_on_arguments():
   """``scripts/plan_memory.py --compile`` on a (2, 2, 2) mesh of fake devices: the plan's state +
   batch bytes equal XLA's argument bytes; an oversized mesh is refused by name."""

@@ -126,6 +126,7 @@ def test_a_changed_response_moves_only_its_own_reward(rmjax_model, tmp_path):
       assert abs(got[i] - base[i]) > 1e-3 * np.max(np.abs(base))
 
 
+@pytest.mark.slow  # over a minute on 2 cores: -m slow
 def test_hf_convention_rewards_equal_scoring_each_line_alone(tmp_path):
   """A BPE whose merges cross the prompt/response boundary: only the common token prefix of a
   row's joint encodings is shared."""
