@@ -119,7 +119,8 @@ def per_chip_shapes(config, mesh):
   leaves = jax.tree_util.tree_flatten_with_path(abstract)[0]
   # the step only writes opt_state.last_finite (a bool): jit drops an argument it never reads
   leaves = [x for p, x in leaves if "last_finite" not in jax.tree_util.keystr(p)]
-  leaves += jax.tree.leaves(memory.abstract_batch(config, mesh))
+  leaves += [x for k, x in memory.abstract_batch(config, mesh).items()
+             if k != "truncated"]  # a statistic the step never reads: dropped too
   return sorted((x.dtype.name, tuple(x.sharding.shard_shape(x.shape))) for x in leaves)
 
 
