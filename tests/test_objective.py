@@ -100,6 +100,7 @@ def test_sparse_last_block_gives_the_dense_loss_and_gradients(variant, goal, pad
   assert_tree_close(grads_s, grads_d, rtol=1e-4)  # float32 rounding, not a wrong row
 
 
+@pytest.mark.slow  # ~30 s on 2 cores; tests/test_loss_lab.py checks features vs the full model
 def test_rows_and_features_give_the_same_states():
   """``model(t, m, ReadRows)`` equals the dense states at ``rows``, from tokens or features."""
   config = tiny_config("paper")
