@@ -58,6 +58,14 @@ ACCELERATORS = {**{f"v5litepod-{n}": ("v5e", t) for n, t in _2D.items()},
                 **{f"v5e-{n}": ("v5e", t) for n, t in _2D.items()},
                 **{f"v6e-{n}": ("v6e", t) for n, t in _2D.items()},
                 **{f"v5p-{2 * n}": ("v5p", t) for n, t in _3D.items()}}
+# XLA:TPU flags of MaxText's v5p recipes (configs/v5p/32b.sh, llama2_70b.sh: async collective
+# fusion, all-gathers fused and overlapped with compute, data-parallel all-reduce optimisation)
+MAXTEXT_ARGS = " ".join(f"--xla_{f}=true" for f in (
+    "tpu_enable_async_collective_fusion_fuse_all_gather", "enable_async_collective_permute",
+    "tpu_enable_ag_backward_pipelining", "tpu_enable_data_parallel_all_reduce_opt",
+    "tpu_data_parallel_opt_different_sized_ops", "tpu_enable_async_collective_fusion",
+    "tpu_enable_async_collective_fusion_multiple_steps", "tpu_overlap_compute_collective_tc",
+    "enable_async_all_gather")) + " --xla_tpu_megacore_fusion_allow_ags=false"
 INSTALL = "pip install -e '.[tpu]' (jax[tpu] at the installed jax's version: brings libtpu)"
 
 
@@ -124,11 +132,11 @@ def analyse(config, topology: str, num_slices: int = 1, hlo_out: str | None = No
   chip, topo, devices = topology_devices(topology, num_slices)
   mesh, dcn = mesh_for(config, devices, num_slices)
   shape = tuple(int(s) // int(d) for s, d in zip(mesh.devices.shape, dcn or (1, 1, 1)))
-  plan = memory.plan(config, shape, dcn)
+  plan = memory.plan(config, shape, dcn, backend="tpu")
   out = {"topology": topo, "chip": chip.name, "num_slices": num_slices, "num_chips": len(devices),
          "mesh_shape": list(shape), "dcn_shape": list(dcn) if dcn else None,
          "hbm_bytes_per_chip": chip.hbm_bytes, "plan_bytes": plan.total,
-         "plan": dataclasses.asdict(plan)}
+         "plan": dataclasses.asdict(plan), "libtpu_args": os.environ.get("LIBTPU_INIT_ARGS")}
   start = time.perf_counter()
   try:
     compiled = memory.compile_step(config, mesh)
@@ -184,7 +192,7 @@ def levers(config, out: dict) -> list[tuple[str, int]]:
   """(lever, bytes per chip it saves by ``rmjax.memory.plan``) for the usual memory levers."""
   from rmjax import memory
   dcn = out["dcn_shape"]
-  return [(flag, out["plan_bytes"] - memory.plan(c, shape, dcn).total)
+  return [(flag, out["plan_bytes"] - memory.plan(c, shape, dcn, backend="tpu").total)
           for flag, c, shape in memory.levers(config, tuple(out["mesh_shape"]))]
 
 
@@ -323,6 +331,9 @@ def _define_flags() -> dict:
                                      "Also write the compiled step's optimised HLO text here."),
       "max_batch": flags.DEFINE_integer("max_batch_per_chip", 1024,
                                         "--search: largest per-chip batch (pairs) tried."),
+      "libtpu_args": flags.DEFINE_string(
+          "libtpu_args", None, "Flags for XLA:TPU, set as LIBTPU_INIT_ARGS before libtpu loads "
+          "(as a TPU VM's launch would); 'maxtext': MaxText's v5p recipes' flags (MAXTEXT_ARGS)."),
   }
 
 
@@ -334,6 +345,8 @@ def main(argv):
   import logging
   logging.getLogger("jax").setLevel(logging.ERROR)
   config, topology, num_slices = (_FLAGS[k].value for k in ("config", "topology", "num_slices"))
+  if (args := _FLAGS["libtpu_args"].value) is not None:
+    os.environ["LIBTPU_INIT_ARGS"] = MAXTEXT_ARGS if args == "maxtext" else args
   try:
     if _FLAGS["search"].value:
       out = search(config, topology, num_slices, _FLAGS["max_batch"].value, log=print)

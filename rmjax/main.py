@@ -89,7 +89,7 @@ def check_memory(config, where: str, compile_: bool = True) -> None:
 
   try:
     need = memory.check_fits(config, mesh.devices.shape, budget, f"{where}: ",
-                             honours_remat=device.platform != "cpu",
+                             backend=device.platform,
                              measure=measure if compile_ else None)
   except memory.DoesNotFit as e:
     raise SystemExit(f"{e}\n(available: {source})") from None
@@ -103,7 +103,8 @@ def check_memory(config, where: str, compile_: bool = True) -> None:
 RESUME_EXEMPT = ("mesh", "data.source_dir", "data.tfds_dir")
 # fields added after runs were written, with the value that means what a run without them did
 # (model fields: models.llama.LlamaConfig's defaults); an absent field with that value is no change
-ADDED_FIELDS = {"data.convention": "rmjax", "data.layout": "pairs", "loss.center_rewards": 0.0}
+ADDED_FIELDS = {"data.convention": "rmjax", "data.layout": "pairs", "data.pack_len": 0,
+                "loss.center_rewards": 0.0}
 
 
 def _with_added_fields(old_flat: dict, new_flat: dict) -> dict:

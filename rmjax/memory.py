@@ -10,7 +10,8 @@
 * activations: what the backward pass keeps per block on a fusing compiler (XLA on GPU/TPU: the
   block input and the matmul outputs; ``_block_bytes``) under the remat policy, plus one block's
   backward pass and the final hidden states: an estimate (docs/scale.md: against XLA:GPU on an H200
-  and XLA:TPU; XLA:CPU ignores remat).
+  and XLA:TPU). It depends on the backend: XLA:CPU ignores remat, and XLA:TPU without remat also
+  keeps elementwise results that XLA:GPU recomputes (``backend``).
 * weights in flight: the running block's weights gathered whole over fsdp (or cast) in the compute
   dtype and their unsharded gradient; with ``scan_layers`` the stacked weight shards (compute
   dtype) and the stacked gradients (the loop state of the optimised HLO, docs/scale.md).
@@ -80,31 +81,44 @@ def _state_bytes(state, rules, mesh_sizes) -> int:
              for _, v in nnx.to_flat_state(state))
 
 
-def _block_bytes(cfg, t: int, l: int, n: int, k: int, f: int, remat: str) -> tuple[int, int]:
+def _block_bytes(cfg, t: int, l: int, n: int, k: int, f: int, remat: str,
+                 backend: str = "gpu") -> tuple[int, int]:
   """(bytes one block keeps for the backward pass, bytes more alive while it runs backward:
   its recomputed part under remat, and transients).
 
   A fusing compiler (XLA on GPU/TPU) keeps the block input and the matmul outputs and recomputes
   elementwise results (norms, RoPE, SiLU) inside the fusions that read them, so 'none' and
-  'dots_saveable' keep the same here; XLA:GPU may keep less under 'dots_saveable'. While one
-  block runs backward, XLA's attention also holds the fp32 gradient of its L x L logits."""
+  'dots_saveable' keep the same here; XLA:GPU may keep less under 'dots_saveable'. XLA:TPU
+  without remat keeps elementwise results too (the loop state of its optimised HLO,
+  docs/scale.md): the softmax probabilities in the compute dtype, four more MLP-wide arrays
+  (SiLU and product results) and six fp32 D-wide arrays (the norms'). While one block runs
+  backward, XLA's attention also holds the fp32 gradient of its L x L logits."""
   c, h, d = np.dtype(DTYPES[cfg.dtype]).itemsize, cfg.hd, cfg.dim
   block_input = t * d * c
-  # matmul outputs: q, k, v, attention logits (fp32; cuDNN's flash attention keeps only the
-  # softmax statistics, one fp32 per query and head), attention output, o, gate, up, down
-  logits = t * n * 4 if cfg.attention == "cudnn" else t * n * l * 4
+  # matmul outputs: q, k, v, attention logits (fp32; flash attention, cuDNN's or splash, keeps
+  # only the softmax statistics, one fp32 per query and head), attention output, o, gate, up, down
+  logits = t * n * 4 if cfg.attention in ("cudnn", "splash") else t * n * l * 4
   dots = t * c * ((n + 2 * k) * h + n * h + 2 * d + 2 * f) + logits
   kept = block_input + dots if remat in ("none", "dots_saveable") else block_input
-  grad_logits = 0 if cfg.attention == "cudnn" else logits
-  return kept, block_input + dots - kept + grad_logits
+  grad_logits = 0 if cfg.attention in ("cudnn", "splash") else logits
+  recompute = block_input + dots - kept + grad_logits
+  if backend == "tpu" and remat == "none":  # probabilities, SiLU/product, fp32 norm arrays
+    kept += logits * c // 4 + 4 * t * f * c + 6 * t * d * 4
+  return kept, recompute
 
 
 _STATE_BYTES: dict = {}  # plan's cache: (model, optimiser, trainable, rules, mesh) -> bytes
 
 
-def plan(config, mesh_shape, dcn_shape=None, *, honours_remat: bool = True) -> MemoryPlan:
-  """Per-device bytes of ``rmjax.train``'s step for ``config`` on a mesh of ``mesh_shape``.
-  ``honours_remat=False``: activations as without remat (XLA:CPU ignores it)."""
+BACKENDS = ("gpu", "tpu", "cpu")  # jax's Device.platform names
+
+
+def plan(config, mesh_shape, dcn_shape=None, *, backend: str = "gpu") -> MemoryPlan:
+  """Per-device bytes of ``rmjax.train``'s step for ``config`` on a mesh of ``mesh_shape``,
+  compiled by XLA for ``backend`` (``BACKENDS``): 'cpu' ignores remat (activations as without
+  it), 'tpu' without remat keeps elementwise results that 'gpu' recomputes (``_block_bytes``)."""
+  if backend not in BACKENDS:
+    raise ValueError(f"memory plan: backend {backend!r}, expected one of {BACKENDS}")
   rules = tuple(tuple(r) for r in config.mesh.rules)
   mesh = abstract_mesh(mesh_shape, dcn_shape)
   sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
@@ -134,7 +148,7 @@ def plan(config, mesh_shape, dcn_shape=None, *, honours_remat: bool = True) -> M
   kept, recompute = _block_bytes(
       cfg, t, l, math.ceil(cfg.num_heads / shards("heads")),
       math.ceil(cfg.num_kv_heads / shards("kv_heads")),
-      math.ceil(cfg.mlp_dim / shards("mlp")), cfg.remat if honours_remat else "none")
+      math.ceil(cfg.mlp_dim / shards("mlp")), "none" if backend == "cpu" else cfg.remat, backend)
   final_hidden = 2 * t * cfg.dim * 4  # fp32 final-norm input and output, read by the losses
   top = config.train.get("trainable_top_layers", -1)  # frozen blocks keep nothing for backward
   kept_layers = cfg.num_layers if top < 0 else min(top, cfg.num_layers)
@@ -221,17 +235,18 @@ class DoesNotFit(ValueError):
 PLAN_MARGIN = 4.0
 
 
-def check_fits(config, mesh_shape, budget: int, where: str = "", *, honours_remat: bool = True,
+def check_fits(config, mesh_shape, budget: int, where: str = "", *, backend: str = "gpu",
                measure=None) -> dict[int, int]:
   """Plans the step at every batch length the pipeline produces (``bucket_lengths``) and returns
   {length: bytes per device}; raises ``DoesNotFit`` with the figures, and the levers (``levers``,
   or a chain of them) that fit, when the longest does not fit ``budget``. ``measure(config)``:
   the compiled step's bytes at the longest length (``used_bytes``), which then replaces the plan
   there and scales every other figure by its ratio to the plan (the plan calibrated by XLA);
-  skipped when the plan fits ``PLAN_MARGIN`` times over."""
+  skipped when the plan fits ``PLAN_MARGIN`` times over. ``backend``: the devices' platform
+  (``plan``)."""
   gib = lambda b: f"{b / 2 ** 30:.2f} GiB" if b >= 2 ** 30 else f"{b / MiB:.2f} MiB"
   total = lambda c, shape, length: plan(with_fields(c, data__max_len=length), shape,
-                                        honours_remat=honours_remat)
+                                        backend=backend)
   mesh_shape = tuple(int(s) for s in mesh_shape)
   planned = {n: total(config, mesh_shape, n).total for n in bucket_lengths(config)}
   longest = max(planned)
@@ -266,7 +281,7 @@ def check_fits(config, mesh_shape, budget: int, where: str = "", *, honours_rema
   raise DoesNotFit(
       f"{where}the train step does not fit: at {longest} tokens (batch {config.train.batch_size} "
       f"pairs, mesh {mesh_shape}) {measured or planned_only}"
-      f"{'' if honours_remat else '; remat not honoured on CPU'}), {gib(budget)} "
+      f"{'; remat not honoured on CPU' if backend == 'cpu' else ''}), {gib(budget)} "
       f"available. Lengths that fit: {fits or 'none'} of {sorted(planned)}.\n"
       + ("Levers that fit (per device):\n" + "\n".join(good) if good else
          "No lever (remat, FSDP, tensor, accumulation, batch) makes it fit; use more devices.")
@@ -292,7 +307,9 @@ def compiled(config, mesh: jax.sharding.Mesh):
 def abstract_batch(config, mesh: jax.sharding.Mesh) -> dict:
   """The trainer's global batch (``train.batch_size`` pairs x ``data.max_len``) as sharded
   ``ShapeDtypeStruct``s; with ``data.layout='shared_prompt'`` also its longest shared rows
-  (``2 * max_len``: a pair's two sequences with nothing in common)."""
+  (``2 * max_len``: a pair's two sequences with nothing in common), with ``'packed'`` its largest
+  packed fields (``packing.largest_shapes``)."""
+  from rmjax.data import packing
   from rmjax.data.pipeline import SHARED_FIELDS
   rules = tuple(tuple(r) for r in config.mesh.rules)
   b, l = config.train.batch_size, config.data.max_len
@@ -304,6 +321,10 @@ def abstract_batch(config, mesh: jax.sharding.Mesh) -> dict:
   if config.data.get("layout", "pairs") == "shared_prompt":
     batch.update({k: spec((b, 2 * l), np.int32) for k in SHARED_FIELDS})
     batch["shared_index"] = spec((b, 2, l), np.int32)
+  if config.data.get("layout", "pairs") == "packed":  # a group per batch shard and micro-batch
+    shards = b // sharding.batch_sharding(mesh, 1, rules).shard_shape((b,))[0]
+    batch.update({k: spec(shape, np.int32) for k, shape in packing.largest_shapes(
+        b, shards * config.train.accum_steps, l, config.data.get("pack_len", 0)).items()})
   return batch
 
 

@@ -2,6 +2,7 @@
 
   python scripts/plan_memory.py --config=configs/synthetic.py --mesh=2,2,2 [--dcn_mesh=2,1,1] \
       [--config.model.remat=full --config.train.accum_steps=4 ...]
+  python scripts/plan_memory.py --config=configs/pod.py:8b --mesh=1,64,1 --backend=tpu
   python scripts/plan_memory.py --config=... --mesh=1,1,1 --compile   # + XLA's figures, here
 
 Prints bytes per device for parameters, optimiser state, gradients, the batch and activations
@@ -19,6 +20,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
                                           lock_config=True)
 _MESH = flags.DEFINE_list("mesh", None, "data,fsdp,tensor sizes (per slice with --dcn_mesh).")
 _DCN = flags.DEFINE_list("dcn_mesh", None, "Slices per axis over DCN, e.g. 2,1,1.")
+_BACKEND = flags.DEFINE_enum("backend", "gpu", ["gpu", "tpu", "cpu"],
+                             "The XLA backend planned for (rmjax.memory.plan): 'tpu' without remat "
+                             "keeps more, 'cpu' ignores remat.")
 _COMPILE = flags.DEFINE_bool("compile", False, "Also compile the step here and print XLA's "
                              "memory analysis beside the plan.")
 flags.mark_flags_as_required(["config", "mesh"])
@@ -30,11 +34,12 @@ def main(argv):
   config = _CONFIG.value
   shape = tuple(int(x) for x in _MESH.value)
   dcn = tuple(int(x) for x in _DCN.value) if _DCN.value else None
-  plan = memory.plan(config, shape, dcn)
+  plan = memory.plan(config, shape, dcn, backend=_BACKEND.value)
   model = config.model
   print(f"mesh {shape}" + (f" x dcn {dcn}" if dcn else "") + f": {model.num_layers} layers, "
         f"dim {model.dim}, batch {config.train.batch_size} pairs x {config.data.max_len} tokens, "
-        f"accum {config.train.accum_steps}, remat {model.remat}, compute {model.dtype}")
+        f"accum {config.train.accum_steps}, remat {model.remat}, compute {model.dtype}, "
+        f"XLA:{_BACKEND.value.upper()}")
   print(plan.table())
   if _COMPILE.value:
     import math

@@ -105,6 +105,32 @@ def test_plan_shrinks_with_remat_sharding_and_accumulation():
   assert eight.params < one.params / 3 and eight.batch == one.batch // 4
 
 
+def test_plan_per_backend_tpu_keeps_elementwise_results_only_without_remat():
+  """XLA:TPU without remat keeps, per block, the softmax probabilities (compute dtype), four more
+  MLP-wide arrays and six fp32 D-wide arrays that XLA:GPU recomputes (the 1B v5p-32 HLO,
+  docs/scale.md); the GPU plan is the closed form below, and XLA:CPU plans as without remat."""
+  config = tiny_config("paper")
+  config.model.num_layers, config.train.batch_size = 3, 4
+  cfg = train_state.model_config(config)
+  c = np.dtype(config.model.dtype).itemsize
+  t, l, d, f, n, k, h = (2 * 4 * config.data.max_len, config.data.max_len, cfg.dim, cfg.mlp_dim,
+                         cfg.num_heads, cfg.num_kv_heads, cfg.hd)
+  logits = t * n * l * 4
+  kept = t * d * c + t * c * ((n + 2 * k) * h + n * h + 2 * d + 2 * f) + logits  # GPU, 'none'
+  gpu = memory.plan(config, (1, 1, 1))
+  assert gpu == memory.plan(config, (1, 1, 1), backend="gpu")
+  assert gpu.activations == 3 * kept + logits + 2 * t * d * 4  # + grad logits, final hidden
+  tpu = memory.plan(config, (1, 1, 1), backend="tpu")
+  extra = t * n * l * c + 4 * t * f * c + 6 * t * d * 4
+  assert tpu.activations - gpu.activations == 3 * extra
+  for remat in ("dots_saveable", "full"):  # under remat XLA:TPU recomputes them as XLA:GPU
+    config.model.remat = remat
+    assert memory.plan(config, (1, 1, 1), backend="tpu") == memory.plan(config, (1, 1, 1))
+  assert memory.plan(config, (1, 1, 1), backend="cpu") == gpu  # 'full' ignored
+  with pytest.raises(ValueError, match="backend 'cuda'.*'gpu', 'tpu', 'cpu'"):
+    memory.plan(config, (1, 1, 1), backend="cuda")
+
+
 def test_plan_of_a_config_with_init_from_needs_only_the_architecture(tmp_path):
   """``model.init_from`` gives the architecture; planning reads its config.json, no weights (the
   folder here has none), and plans what the same architecture set in the config plans."""
