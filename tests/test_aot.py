@@ -2,6 +2,7 @@
 
 Compiling needs libtpu (the ``tpu`` extra, which ``test`` includes); without it those tests skip.
 """
+import dataclasses
 import importlib.util
 import json
 import math
@@ -138,7 +139,8 @@ def test_v5e_2x2_arguments_exact():
   assert sorted((d, s) for d, s, _, _ in params) == expected  # nothing replicated by accident
   assert sum(p[3] for p in params) == out["argument_bytes"]  # XLA's figure: tile-padded
   assert out["argument_unpadded_bytes"] == sum(p[2] for p in params)
-  plan = out["plan"]
+  plan = out["plan"]  # planned for XLA:TPU (rmjax.memory.plan's backend)
+  assert plan == dataclasses.asdict(memory.plan(config, (2, 2, 1), backend="tpu"))
   state_bytes = sum(math.prod(s) * 4 for _, s in expected)  # every array here is 4 bytes wide
   assert plan["params"] + plan["optimizer"] + plan["batch"] == state_bytes + 1  # + last_finite
   assert out["flops_per_chip"] > 0 and out["est_step_s"] > 0 and 0 < out["est_mfu"] < 1
