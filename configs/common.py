@@ -69,7 +69,9 @@ def model(**fields) -> ConfigDict:
   c.query_pre_attn_scalar = placeholder(float)  # Gemma 2: softmax scale 1/sqrt(this)
   c.param_dtype = "float32"
   c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (weights stay param_dtype)
-  c.attention = "xla"  # 'xla', or 'cudnn': flash attention on NVIDIA GPUs (bf16 dtype)
+  # 'xla' (any backend), 'cudnn' (flash attention on NVIDIA GPUs, bf16 dtype) or 'splash'
+  # (Pallas splash attention on TPUs); what runs where: docs/performance.md, Attention kernels
+  c.attention = "xla"
   c.remat = "none"  # recompute activations per block: 'none', 'dots_saveable', 'full'
   c.scan_layers = False  # blocks as one lax.scan (one block in the program; docs/scale.md)
   return _set(c, "model", fields)

@@ -6,7 +6,8 @@
 * attention: ``model.attention='cudnn'`` (cuDNN flash attention) against the XLA attention, in
   bf16, on right- and left-padded synthetic pairs: the training loss (BT + paper contrastive,
   sparse last block) and the gradients of every parameter. Yardstick: how far bf16 XLA is from
-  fp32 XLA on the same batch; cuDNN passes if its gradient error is within 2x of that.
+  fp32 XLA on the same batch; cuDNN passes if its gradient error is within 2x of that. Then the
+  kernel alone under the shared-prompt and packed layouts' masks (parts), same yardstick.
 * memory: ``rmjax.memory.plan`` beside XLA:GPU's ``memory_analysis()`` of the compiled train
   step (``scripts/plan_memory.py --compile``) for three shapes (``MEMORY_SHAPES``), remat none /
   dots_saveable / full and both attention kernels: arguments
@@ -71,6 +72,38 @@ def check_attention(mesh) -> bool:
     print(f"  {side:8s} {l32:10.5f} {abs(l16 - l32):13.2e} {abs(lc - l32):14.2e} {e16:14.2e} "
           f"{ec:15.2e}  {'PASS' if good else 'FAIL'}")
   return ok
+
+
+def check_attention_parts() -> bool:
+  """cuDNN under the shared-prompt and packed layouts' masks (``positions_and_mask`` with parts:
+  the rejected rest never sees the chosen one), at the kernel (``rmjax.models.attention.attend``,
+  a [B, 1, L, L] bias): output and q/k/v gradients against fp32 XLA, beside bf16 XLA's error."""
+  import jax
+  import jax.numpy as jnp
+
+  from rmjax.models import attention, layers, llama
+  b, l, n, k, h = 2, 512, 8, 2, 64
+  seg, parts = np.zeros((b, l), np.int32), np.zeros((b, l), np.int32)
+  seg[0, :400], parts[0, 100:250], parts[0, 250:400] = 1, 1, 2  # one unit, right-padded
+  seg[1, :200], seg[1, 200:500] = 1, 2  # two packed units
+  parts[1, 50:120], parts[1, 120:200], parts[1, 260:380], parts[1, 380:500] = 1, 2, 1, 2
+  _, mask_BxLxL = llama.positions_and_mask(jnp.asarray(seg), 0, jnp.asarray(parts))
+  keys = jax.random.split(jax.random.key(0), 4)
+  qkv = [jax.random.normal(key, (b, l, m, h)) for key, m in zip(keys, (n, k, k))]
+  cot = jax.random.normal(keys[3], (b, l, n, h))
+  out = {}
+  for name, dtype, kernel in (("fp32", "float32", "xla"), ("bf16", "bfloat16", "xla"),
+                              ("cudnn", "bfloat16", "cudnn")):
+    cfg = layers.LlamaConfig(dim=n * h, num_heads=n, num_kv_heads=k, dtype=dtype,
+                             attention=kernel)
+    f = lambda *x: jnp.sum(attention.attend(cfg, *(y.astype(dtype) for y in x), mask_BxLxL)
+                           .astype(jnp.float32) * cot)
+    out[name] = jax.device_get(jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(*qkv))
+  e16, ec = rel(out["bf16"][1], out["fp32"][1]), rel(out["cudnn"][1], out["fp32"][1])
+  good = bool(np.isfinite(out["cudnn"][0]) and ec <= 2 * e16)
+  print(f"cuDNN with parts (shared prompt, packed; {b} rows x {l} tokens, {n}/{k} heads x {h}): "
+        f"q/k/v grad err bf16 XLA {e16:.2e}, cuDNN {ec:.2e}  {'PASS' if good else 'FAIL'}")
+  return good
 
 
 # (name, model fields, pairs, tokens). The activation estimate was revised after seeing the first
@@ -145,6 +178,7 @@ def main(argv):
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     with sharding.use_mesh(mesh):
       ok &= check_attention(mesh)
+    ok &= check_attention_parts()
   if "memory" in _PARTS.value:
     ok &= check_memory(sharding.make_mesh(shape, jax.devices()[:n]))
   sys.exit(0 if ok else 1)

@@ -33,6 +33,8 @@ def gelu(x):
 # the gated MLP's activation (module-level functions: equal in every model's graph definition)
 MLP_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": gelu_tanh, "gelu": gelu}
 
+# LlamaConfig.attention's kernels (rmjax.models.attention says what runs where)
+ATTENTION_KERNELS = ("xla", "cudnn", "splash")
 # LlamaConfig fields that say how the model runs, not what it computes
 RUN_ONLY_FIELDS = ("remat", "scan_layers", "attention")
 
@@ -79,8 +81,9 @@ class LlamaConfig:
   # run the blocks as one jax.lax.scan (one block in the compiled program instead of
   # num_layers); the weights stay per block and are stacked on the fly (one transient copy)
   scan_layers: bool = False
-  # attention kernel: 'xla' (any backend and dtype) or 'cudnn' (cuDNN flash attention on NVIDIA
-  # GPUs; bf16/fp16 compute; the causal mask lets it skip the upper triangle)
+  # attention kernel (rmjax.models.attention): 'xla' (any backend and dtype), 'cudnn' (cuDNN
+  # flash attention on NVIDIA GPUs; bf16/fp16 compute; the causal mask lets it skip the upper
+  # triangle) or 'splash' (Pallas splash attention on TPUs; the mask from segment ids and parts)
   attention: str = "xla"
 
   def __post_init__(self):
@@ -106,14 +109,18 @@ class LlamaConfig:
                          f"{self.num_layers}")
     if self.attn_softcap < 0 or self.query_pre_attn_scalar < 0:
       raise ValueError("model.attn_softcap and model.query_pre_attn_scalar must be >= 0")
-    if self.attention not in ("xla", "cudnn"):
-      raise ValueError(f"model.attention={self.attention!r}: expected 'xla' or 'cudnn'")
+    if self.attention not in ATTENTION_KERNELS:
+      raise ValueError(f"model.attention={self.attention!r}: expected one of "
+                       f"{', '.join(map(repr, ATTENTION_KERNELS))}")
     if self.attention == "cudnn" and self.dtype == "float32":
       raise ValueError("model.attention='cudnn' needs model.dtype='bfloat16' or 'float16' "
                        "(cuDNN flash attention has no float32 kernel)")
-    if self.attention == "cudnn" and self.attn_softcap:
-      raise ValueError("model.attention='cudnn' has no attention soft-capping "
+    if self.attention != "xla" and self.attn_softcap:
+      raise ValueError(f"model.attention={self.attention!r} has no attention soft-capping "
                        f"(model.attn_softcap={self.attn_softcap}): use model.attention='xla'")
+    if self.attention == "splash" and self.sliding_window and self.sliding_layers is not None:
+      raise ValueError("model.attention='splash' takes a sliding window on every layer only "
+                       f"(model.sliding_layers={self.sliding_layers}): use model.attention='xla'")
 
   @property
   def hd(self) -> int:

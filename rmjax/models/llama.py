@@ -17,10 +17,11 @@ from flax.core import spmd as flax_spmd
 from jax.sharding import PartitionSpec as P
 
 from rmjax.indexing import gather_rows
+from rmjax.models import attention
 # DTYPES, RUN_ONLY_FIELDS and LlamaConfig are imported from here too
 from rmjax.models.layers import (DTYPES, MLP_ACTIVATIONS, REMAT_POLICIES,  # noqa: F401
                                  RUN_ONLY_FIELDS, LlamaConfig, linear, rmsnorm, rope,
-                                 rope_frequencies, softcapped_attention)
+                                 rope_frequencies)
 
 
 class Attention(nnx.Module):
@@ -35,16 +36,16 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       self.q_norm, self.k_norm = rmsnorm(cfg, h, rngs), rmsnorm(cfg, h, rngs)
 
-  def __call__(self, x_BxLxD, pos_BxL, mask_BxLxL, rows_BxP=None):
+  def __call__(self, x_BxLxD, pos_BxL, mask, rows_BxP=None):
     """Self-attention; with ``rows`` only those query rows are computed (output [B, P, D]),
-    while keys and values still come from every position."""
+    while keys and values still come from every position. ``mask``: [B, L, L], or for
+    'splash' an ``attention.SegmentMask`` (``attention.layer_masks``)."""
     cfg = self.cfg
     b, l, _ = x_BxLxD.shape
     inv_freq = rope_frequencies(cfg)
-    xq, pos_q, mask_q = x_BxLxD, pos_BxL, mask_BxLxL
+    xq, pos_q = x_BxLxD, pos_BxL
     if rows_BxP is not None:
       xq, pos_q = gather_rows(x_BxLxD, rows_BxP), jnp.take_along_axis(pos_BxL, rows_BxP, axis=1)
-      mask_q = jnp.take_along_axis(mask_BxLxL, rows_BxP[:, :, None], axis=1)
     p = xq.shape[1]
     q_BxPxNxH = self.q(xq).reshape(b, p, cfg.num_heads, cfg.hd)
     k_BxLxKxH = self.k(x_BxLxD).reshape(b, l, cfg.num_kv_heads, cfg.hd)
@@ -54,22 +55,7 @@ class Attention(nnx.Module):
     q_BxPxNxH = rope(q_BxPxNxH, pos_q, inv_freq)
     k_BxLxKxH = rope(k_BxLxKxH, pos_BxL, inv_freq)
     v_BxLxKxH = self.v(x_BxLxD).reshape(b, l, cfg.num_kv_heads, cfg.hd)
-    scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
-    if cfg.attn_softcap:  # XLA only (LlamaConfig refuses cudnn with a soft cap)
-      out_BxPxNxH = softcapped_attention(q_BxPxNxH, k_BxLxKxH, v_BxLxKxH, mask_q,
-                                         scale or cfg.hd ** -0.5, cfg.attn_softcap)
-    elif cfg.attention == "cudnn" and rows_BxP is None:
-      if jax.default_backend() != "gpu":
-        raise ValueError(f"model.attention='cudnn' runs on NVIDIA GPUs only; JAX's backend here "
-                         f"is {jax.default_backend()!r}: use model.attention='xla'")
-      # The mask (padding, window) becomes an additive bias; is_causal lets cuDNN skip the
-      # blocks above the diagonal, which the mask excludes anyway.
-      out_BxPxNxH = jax.nn.dot_product_attention(q_BxPxNxH, k_BxLxKxH, v_BxLxKxH,
-                                                 mask=mask_q[:, None], scale=scale,
-                                                 is_causal=True, implementation="cudnn")
-    else:  # also the sparse last block's few query rows, which are not a causal prefix
-      out_BxPxNxH = jax.nn.dot_product_attention(q_BxPxNxH, k_BxLxKxH, v_BxLxKxH,
-                                                 mask=mask_q[:, None], scale=scale)
+    out_BxPxNxH = attention.attend(cfg, q_BxPxNxH, k_BxLxKxH, v_BxLxKxH, mask, rows_BxP)
     return self.o(out_BxPxNxH.reshape(b, p, cfg.num_heads * cfg.hd))
 
 
@@ -222,9 +208,11 @@ class Llama(nnx.Module):
     window = self.cfg.sliding_window
     if not window or self.cfg.sliding_layers is None:  # one mask for every layer
       pos_BxL, mask_BxLxL = positions_and_mask(mask_BxL, window, parts_BxL)
-      return pos_BxL, (mask_BxLxL, mask_BxLxL)
-    pos_BxL, full_BxLxL = positions_and_mask(mask_BxL, 0, parts_BxL)
-    return pos_BxL, (full_BxLxL, window_mask(pos_BxL, full_BxLxL, window))
+      masks = (mask_BxLxL, mask_BxLxL)
+    else:
+      pos_BxL, full_BxLxL = positions_and_mask(mask_BxL, 0, parts_BxL)
+      masks = (full_BxLxL, window_mask(pos_BxL, full_BxLxL, window))
+    return pos_BxL, attention.layer_masks(self.cfg, masks, mask_BxL, parts_BxL)
 
   def run_from(self, x_BxLxD: jax.Array, mask_BxL: jax.Array, layer: int, rows_BxP=None, *,
                parts_BxL=None) -> jax.Array:
