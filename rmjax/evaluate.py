@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from rmjax import score, sharding
+from rmjax import score, sharding, train
 from rmjax.checkpoint import resolve_run, restore_state, write_json
 from rmjax.data import sources
 from rmjax.data.pipeline import encode_pair, encode_sequence, kept_prefix
@@ -66,14 +66,13 @@ def make_forward(graphdef):
 
 def run_sequences(forward, state, rows: dict, goal_D, *, batch_size: int, mesh, rules,
                   desc: str) -> dict:
-  """``forward`` over ``rows = {tokens, mask}_NxL`` in fixed-shape batches (one compile)."""
-  n, outs = len(rows["tokens"]), []
-  for start in tqdm(range(0, n, batch_size), desc=desc):
-    idx = np.minimum(np.arange(start, start + batch_size), n - 1)  # repeat the last row to fill
-    batch = sharding.host_to_global({k: rows[k][idx] for k in ("tokens", "mask")}, mesh, rules)
-    out = jax.device_get(forward(state, batch, goal_D))
-    outs.append({k: np.asarray(v)[:n - start] for k, v in out.items()})
-  return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+  """``forward`` over ``rows = {tokens, mask}_NxL`` in fixed-shape batches (one compile):
+  ``train.batch_outputs`` over ``train.padded_batches``."""
+  seqs = {k: rows[k] for k in ("tokens", "mask")}
+  batches = tqdm(train.padded_batches(seqs, batch_size), desc=desc,
+                 total=-(-len(seqs["tokens"]) // batch_size))
+  return train.batch_outputs(lambda s, batch: forward(s, batch, goal_D), state, batches, mesh,
+                             rules)
 
 
 def encode_pairs(source, tokenizer, config, n: int) -> dict:

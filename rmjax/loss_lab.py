@@ -23,7 +23,7 @@ from rmjax import objective, sharding, train
 from rmjax.cache_features import FeatureSource, top_param_paths
 from rmjax.config_tools import flatten, override
 from rmjax.eval.metrics import auroc_ci, pairwise_accuracy, unique_solutions
-from rmjax.train import itstime, make_eval_step, make_train_step
+from rmjax.train import make_eval_step, make_train_step
 from rmjax.train_state import abstract_state, merge, trainable_filter
 
 BATCH_FIELDS = ("features", "tokens", "mask", "response", "margin")
@@ -88,25 +88,17 @@ def lab_state(config, params: str, mesh):
   return graphdef, load_top_params(state, params)
 
 
-def _batches(source, batch_size: int, *, seed: int):
-  return iter(grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-              .map(lambda ex: {k: ex[k] for k in BATCH_FIELDS})
-              .batch(batch_size, drop_remainder=True))
+def lab_batch(rows: dict) -> dict:
+  """The fields a lab step reads, features in float32 (cached in the backbone's dtype)."""
+  return {k: rows[k].astype(np.float32) if k == "features" else rows[k] for k in BATCH_FIELDS}
 
 
 def pair_rewards(eval_step, state, data: dict, batch_size: int):
   """``(reward_chosen_N, reward_rejected_N)`` of every pair of ``data`` (``source.arrays()``):
-  ``train.pair_rewards`` over its batches, each put explicitly on the state's mesh (the last
-  batch padded with the last pair)."""
-  n, mesh = len(data["mask"]), jax.tree.leaves(state)[0].sharding.mesh
-
-  def batches():
-    for start in range(0, n, batch_size):
-      idx = np.minimum(np.arange(start, start + batch_size), n - 1)
-      batch = {k: data[k][idx].astype(np.float32 if k == "features" else data[k].dtype)
-               for k in BATCH_FIELDS}
-      yield sharding.host_to_global(batch, mesh), min(batch_size, n - start)
-  return train.pair_rewards(eval_step, state, batches())
+  ``train.batch_outputs`` over its ``train.padded_batches``."""
+  return train.batch_outputs(eval_step, state, ((lab_batch(b), n) for b, n in
+                                                train.padded_batches(data, batch_size)),
+                             jax.tree.leaves(state)[0].sharding.mesh)
 
 
 def evaluate(eval_step, state, source: FeatureSource, batch_size: int, *, n_boot: int = 1000
@@ -153,18 +145,17 @@ def run(config, features_dir: str, *, eval_split: str = "validation", eval_every
                                       trainable=trainable_filter(config), start_layer=layer),
                       donate_argnums=0)
     eval_step = jax.jit(make_eval_step(graphdef, layer))
-    batches = _batches(train_src, config.train.batch_size, seed=config.seed)
-    history, steps = [], config.train.steps
-    for step in range(1, steps + 1):
-      batch = next(batches)
-      batch["features"] = batch["features"].astype(np.float32)
-      state, metrics = step_fn(state, sharding.host_to_global(batch, mesh, config.mesh.rules))
-      if itstime(step, eval_every or steps, steps):  # eval_every=0: only after the last step
-        loss = float(jax.device_get(metrics["loss"]))  # the one read of this step's metrics
-        m = evaluate(eval_step, state, eval_src, config.train.batch_size, n_boot=n_boot)
-        history.append({"step": step, "train_loss": loss, **m})
-        if progress:
-          print(json.dumps(history[-1]), flush=True)
+    batches = iter(grain.MapDataset.source(train_src).shuffle(seed=config.seed).repeat()
+                   .map(lab_batch).batch(config.train.batch_size, drop_remainder=True))
+    history = []
+    for step, state, metrics, _ in train.loop(
+        step_fn, state, (sharding.host_to_global(b, mesh, config.mesh.rules) for b in batches),
+        start=0, steps=config.train.steps, every={"eval": eval_every or config.train.steps},
+        max_nonfinite=config.optim.get("max_consecutive_nonfinite")):  # absent in old caches
+      m = evaluate(eval_step, state, eval_src, config.train.batch_size, n_boot=n_boot)
+      history.append({"step": step, "train_loss": float(metrics["loss"]), **m})
+      if progress:
+        print(json.dumps(history[-1]), flush=True)
     if save_to:
       model, _ = merge(graphdef, state)
       params = {"/".join(map(str, p)): np.asarray(jax.device_get(v[...]))

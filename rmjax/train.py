@@ -110,15 +110,23 @@ def distinct_solutions(source, tokenizer, config) -> np.ndarray:
                           np.repeat([ex.get("problem_id", i) for i, ex in enumerate(examples)], 2))
 
 
-def pair_rewards(eval_step, state, batches) -> tuple[np.ndarray, np.ndarray]:
-  """``(reward_chosen_N, reward_rejected_N)`` over ``batches`` of ``(device batch, n_real)``, the
-  padding rows after ``n_real`` dropped: the one evaluation loop (the trainer's, the loss lab's)."""
-  chosen, rejected = [], []
-  for batch, n_real in batches:
-    r_c, r_r = jax.device_get(eval_step(state, batch))
-    chosen.append(np.asarray(r_c)[:n_real])
-    rejected.append(np.asarray(r_r)[:n_real])
-  return np.concatenate(chosen), np.concatenate(rejected)
+def padded_batches(rows: dict, batch_size: int):
+  """``(batch, n_real)`` of ``rows`` (host arrays, one row per example; one process): one shape
+  (one compile), the last batch filled up with the final row, as ``pipeline.eval_batches``."""
+  n = len(next(iter(rows.values())))
+  for start in range(0, n, batch_size):
+    idx = np.minimum(np.arange(start, start + batch_size), n - 1)
+    yield {k: v[idx] for k, v in rows.items()}, min(batch_size, n - start)
+
+
+def batch_outputs(fn, state, batches, mesh, rules=sharding.DEFAULT_RULES):
+  """``fn(state, batch)``'s outputs (a tree of arrays, rows first) over ``batches`` of ``(host
+  batch, n_real)``, put on ``mesh`` and read back once each, the rows after ``n_real`` dropped:
+  the one evaluation loop (the trainer's, the loss lab's, ``rmjax.evaluate``'s)."""
+  outs = [jax.tree.map(lambda x: np.asarray(x)[:n_real],
+                       jax.device_get(fn(state, sharding.host_to_global(batch, mesh, rules))))
+          for batch, n_real in batches]
+  return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
 
 def evaluate(eval_step, state, source, tokenizer, config, mesh, rules,
@@ -128,8 +136,7 @@ def evaluate(eval_step, state, source, tokenizer, config, mesh, rules,
   every row when None)."""
   batches = eval_batches(source, tokenizer, global_batch_size=config.train.batch_size,
                          max_len=config.data.max_len, padding_side=config.data.padding_side)
-  chosen, rejected = pair_rewards(eval_step, state, (
-      (sharding.host_to_global(batch, mesh, rules), n_real) for batch, n_real in batches))
+  chosen, rejected = batch_outputs(eval_step, state, batches, mesh, rules)
   rewards = np.stack([chosen, rejected], 1).reshape(-1)
   stats = reward_stats(rewards if solutions is None else rewards[solutions])
   return {**preference_metrics(chosen, rejected, solutions), "reward_mean": stats["mean"],
@@ -196,6 +203,43 @@ def itstime(step: int, every: int, total: int) -> bool:
   return step % every == 0 or step == total
 
 
+def check_finite(step: int, skipped_in_a_row, limit: int | None) -> None:
+  """A FloatingPointError once ``limit`` updates in a row were skipped (non-finite gradients;
+  None: never). The streak is read explicitly: no implicit transfer."""
+  if limit is not None and (n := int(jax.device_get(skipped_in_a_row))) >= limit:
+    raise FloatingPointError(f"step {step}: {n} non-finite gradients in a row (updates skipped), "
+                             f"optim.max_consecutive_nonfinite={limit}: training stopped")
+
+
+def loop(train_step, state, batches, *, start: int, steps: int, every: dict[str, int],
+         max_nonfinite: int | None, progress: bool = False):
+  """The one training loop (``train``'s, the loss lab's): ``state, metrics = train_step(state,
+  next(batches))`` for steps ``start + 1 .. steps``; yields ``(step, state, metrics, due)`` at the
+  steps where actions of ``every`` (``{name: interval}``, ``itstime``) are due, ``metrics`` read
+  from the device once. ``max_nonfinite`` skips in a row (``check_finite``) stop it before any
+  action of that step but ``"log"``. The device runs ahead: between yields, a step's skip streak
+  is read while the next step runs. ``progress``: a tqdm bar."""
+  unchecked = None  # (step, its streak on the device) not yet checked
+  bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", disable=not progress)
+  for step in bar:
+    state, metrics = train_step(state, next(batches))
+    done = step + 1
+    if unchecked is not None:
+      check_finite(*unchecked, max_nonfinite)
+    unchecked = done, metrics["skipped_in_a_row"]
+    due = {name for name, n in every.items() if itstime(done, n, steps)}
+    if not due:
+      continue
+    host, unchecked = jax.device_get(metrics), None
+    if "log" in due:
+      bar.set_postfix(loss=f"{host['loss']:.4f}", acc=f"{host['pairwise_accuracy']:.3f}")
+    if max_nonfinite is not None and host["skipped_in_a_row"] >= max_nonfinite:
+      due &= {"log"}  # logged, then stopped: nothing evaluated or saved past the limit
+    if due:
+      yield done, state, host, due
+    check_finite(done, host["skipped_in_a_row"], max_nonfinite)
+
+
 def train(config, workdir: str) -> dict[str, float]:
   """Trains (or resumes the run in ``workdir``) to ``config.train.steps``; returns final eval."""
   for field in ("log_every", "eval_every", "ckpt_every"):
@@ -219,7 +263,8 @@ def train(config, workdir: str) -> dict[str, float]:
         sources.make_source(config, "train"), tokenizer,
         global_batch_size=config.train.batch_size, max_len=config.data.max_len,
         seed=config.seed, padding_side=config.data.padding_side,
-        **sources.pipeline_options(config)))
+        pack_shards=max(1, shards // jax.process_count()),  # data.layout='packed' groups
+        accum_steps=config.train.accum_steps, **sources.pipeline_options(config)))
     eval_source = sources.make_source(config, "validation")
     eval_solutions = distinct_solutions(eval_source, tokenizer, config)
 
@@ -242,50 +287,28 @@ def train(config, workdir: str) -> dict[str, float]:
     # --- loop ---
     writer = MetricsWriter(workdir, start)
     steps, cfg = config.train.steps, config.train
-    limit = config.optim.max_consecutive_nonfinite
-
-    def check_finite(done, skipped_in_a_row):
-      """Stops before a checkpoint once too many updates in a row were skipped (non-finite)."""
-      skipped_in_a_row = int(jax.device_get(skipped_in_a_row))  # explicit: no implicit transfer
-      if skipped_in_a_row >= limit:
-        ckpt.wait()  # the last good checkpoint is complete
-        raise FloatingPointError(
-            f"step {done}: {skipped_in_a_row} non-finite gradients in a row (updates "
-            f"skipped), optim.max_consecutive_nonfinite={limit}: training stopped; newest "
-            f"checkpoint: step {ckpt.manager.latest_step()}")
-
-    # The device runs ahead of the host: a step's skip streak is read lazily while the next step
-    # runs, except at log/eval/checkpoint steps, which wait for the step anyway and read it then.
-    final, unchecked = {}, None  # (step, its streak on the device) not yet checked
-    t0 = time.perf_counter()
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train",
-               disable=jax.process_index() != 0)
-    for step in bar:
-      batch = sharding.host_to_global(next(data_iter), mesh, rules)
-      state, metrics = train_step(state, batch)
-      done = step + 1
-      if unchecked is not None:
-        check_finite(*unchecked)
-      unchecked = done, metrics["skipped_in_a_row"]
-      log_now, eval_now, save_now = (itstime(done, every, steps)
-                                     for every in (cfg.log_every, cfg.eval_every, cfg.ckpt_every))
-      if not (log_now or eval_now or save_now):
-        continue
-      host, unchecked = jax.device_get(metrics), None  # the one read of this step's metrics
-      if log_now:
-        scalars = {f"train/{k}": v for k, v in host.items()}
-        scalars["train/steps_per_s"] = (done - start) / (time.perf_counter() - t0)
-        writer.write(done, scalars)
-        bar.set_postfix(loss=f"{scalars['train/loss']:.4f}",
-                        acc=f"{scalars['train/pairwise_accuracy']:.3f}")
-      check_finite(done, host["skipped_in_a_row"])
-      if eval_now:
-        final = evaluate(eval_step, state, eval_source, tokenizer, config, mesh, rules,
-                         eval_solutions)
-        writer.write(done, {f"eval/{k}": v for k, v in final.items()})
-        log.info("step %d eval %s", done, final)
-      if save_now:
-        ckpt.save(done, state, data_iter)
+    final, t0 = {}, time.perf_counter()
+    try:
+      for done, state, host, due in loop(
+          train_step, state, (sharding.host_to_global(b, mesh, rules) for b in data_iter),
+          start=start, steps=steps, max_nonfinite=config.optim.max_consecutive_nonfinite,
+          every={"log": cfg.log_every, "eval": cfg.eval_every, "save": cfg.ckpt_every},
+          progress=jax.process_index() == 0):
+        if "log" in due:
+          scalars = {f"train/{k}": v for k, v in host.items()}
+          scalars["train/steps_per_s"] = (done - start) / (time.perf_counter() - t0)
+          writer.write(done, scalars)
+        if "eval" in due:
+          final = evaluate(eval_step, state, eval_source, tokenizer, config, mesh, rules,
+                           eval_solutions)
+          writer.write(done, {f"eval/{k}": v for k, v in final.items()})
+          log.info("step %d eval %s", done, final)
+        if "save" in due:
+          ckpt.save(done, state, data_iter)  # the data position: the next batch is not read yet
+    except FloatingPointError as e:
+      ckpt.wait()  # the last good checkpoint is complete
+      raise FloatingPointError(f"{e}; newest checkpoint: step {ckpt.manager.latest_step()}"
+                               ) from None
     if start >= steps and not final:  # already finished: report eval of the final state
       final = evaluate(eval_step, state, eval_source, tokenizer, config, mesh, rules,
                        eval_solutions)

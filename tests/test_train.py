@@ -229,6 +229,37 @@ def test_itstime_every_n_steps_and_the_last():
   assert [s for s in range(1, 4) if train.itstime(s, 1, 3)] == [1, 2, 3]
 
 
+def test_loop_yields_due_steps_and_stops_at_the_skip_limit():
+  """A step function whose skip streak is given per step: the loop yields only at due steps
+  (metrics on the host), and stops at the step that reaches the limit, whether it is checked
+  lazily (a step with nothing due) or at a due step (where only logging still runs)."""
+  def run(streaks, every, limit, start=0):
+    def step_fn(state, batch):
+      return state + batch, {"loss": jax.numpy.float32(batch), "pairwise_accuracy": 0.5,
+                             "skipped_in_a_row": jax.numpy.int32(streaks[state])}
+    seen = []
+    try:
+      for done, state, m, due in train.loop(step_fn, start, iter([1] * 10), start=start,
+                                            steps=len(streaks), every=every, max_nonfinite=limit):
+        assert isinstance(m["skipped_in_a_row"], np.ndarray)  # read from the device
+        seen.append((done, state, sorted(due)))
+    except FloatingPointError as e:
+      return seen, str(e)
+    return seen, None
+
+  every = {"log": 2, "save": 3}
+  assert run([0] * 6, every, 2) == ([(2, 2, ["log"]), (3, 3, ["save"]), (4, 4, ["log"]),
+                                     (6, 6, ["log", "save"])], None)
+  assert run([0] * 6, every, 2, start=3) == ([(4, 4, ["log"]), (6, 6, ["log", "save"])], None)
+  assert run([0, 0, 0, 1, 2, 0], every, 2) == (  # step 5: nothing due, stopped after step 6 ran
+      [(2, 2, ["log"]), (3, 3, ["save"]), (4, 4, ["log"])],
+      "step 5: 2 non-finite gradients in a row (updates skipped), "
+      "optim.max_consecutive_nonfinite=2: training stopped")
+  seen, error = run([0, 0, 0, 0, 1, 2], every, 2)  # step 6: logged, not saved
+  assert seen[-1] == (6, 6, ["log"]) and error.startswith("step 6: 2 non-finite")
+  assert run([0, 0, 5, 0], {"log": 1}, None)[1] is None  # no limit: never stopped
+
+
 def test_data_position_saved_under_another_process_count_restores(tmp_path, mesh1):
   config = tiny_config("bt")
   _, state = train_state.create_state(config)
