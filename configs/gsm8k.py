@@ -37,9 +37,12 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.data.padding_side = "right"  # 'right' or 'left': rewards do not depend on it
   c.data.convention = ""  # 'rmjax' (EOS appended), 'hf'; '': hf iff init_from is a classifier
   c.data.buckets = (128, 192, 256, 384, 512)  # batch lengths (one compiled step each); () = max_len
-  # 'shared_prompt': a row per pair, the common prefix once; 'pairs': a row per sequence. Same
-  # loss and gradients; shared_prompt runs fewer tokens (docs/data.md, docs/performance.md)
+  # 'shared_prompt': a row per pair, the common prefix once; 'pairs': a row per sequence;
+  # 'packed': several pairs' shared-prompt rows in rows of pack_len tokens, kept apart by segment
+  # ids. Same loss and gradients; shared_prompt and packed run fewer tokens (docs/data.md,
+  # docs/performance.md)
   c.data.layout = "shared_prompt"
+  c.data.pack_len = 0  # 'packed' only: tokens a packed row holds; 0 = 2 * max_len
   c.data.sort_window = 16  # batches sorted by length together (1 = no sorting)
   c.data.num_threads = 2  # threads reading + tokenising ahead of the train step
   c.data.num_workers = 0  # worker processes (grain mp_prefetch); 0 = in the main process

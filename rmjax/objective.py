@@ -70,19 +70,28 @@ def build_terms(loss_cfg) -> Objective:
   return Objective(tuple(terms), sparse)
 
 
-def forward_pairs(model, batch, start_layer: int = 0, states_Bx2xP=None) -> losses.PairOutputs:
+def forward_pairs(model, batch, start_layer: int = 0, states_Bx2xP=None,
+                  identity=None) -> losses.PairOutputs:
   """Runs chosen and rejected sequences through the model in one pass of 2B sequences.
 
   A batch from the loss lab also carries ``features`` [B, 2, L, D] (the cached hidden states
   entering block ``start_layer``); the rest of the model runs on them (``tokens`` then only say
-  which states are negatives and which sequences are copies: ``pair_identity``). ``states``:
-  compute (and return as ``h``) only the states at these positions of each sequence
-  (``ReadRows``), and the reward. A batch with ``shared_tokens`` (``data.layout=
-  'shared_prompt'``) runs one row per pair instead: ``forward_shared``; the outputs are the same.
+  which states are negatives and which sequences are copies: ``pair_identity``, or ``identity``
+  when the caller has it). ``states``: compute (and return as ``h``) only the states at these
+  positions of each sequence (``ReadRows``), and the reward. A batch with ``shared_tokens``
+  (``data.layout='shared_prompt'``) runs one row per pair instead, one with ``packed_tokens``
+  (``'packed'``) rows of several pairs: ``forward_shared``, ``forward_packed``; the outputs are
+  the same.
   """
   b, _, l = batch["mask"].shape
-  if "shared_tokens" in batch:
-    reward_Bx2, h_chosen, h_rejected = forward_shared(model, batch, start_layer, states_Bx2xP)
+  rows_forward = (forward_packed if "packed_tokens" in batch
+                  else forward_shared if "shared_tokens" in batch else None)
+  if rows_forward is not None:
+    if "features" in batch or start_layer:
+      raise ValueError("data.layout='shared_prompt' and 'packed' run the model from tokens; "
+                       "cached features (the loss lab) are per sequence: use "
+                       "data.layout='pairs'")
+    reward_Bx2, h_chosen, h_rejected = rows_forward(model, batch, states_Bx2xP)
   else:
     mask_2BxL = batch["mask"].reshape(2 * b, l)
     rows = None if states_Bx2xP is None else ReadRows.at(
@@ -95,7 +104,7 @@ def forward_pairs(model, batch, start_layer: int = 0, states_Bx2xP=None) -> loss
     reward_Bx2 = reward_2B.reshape(b, 2)
     h_Bx2xLxD = h_2BxLxD.reshape(b, 2, *h_2BxLxD.shape[1:])
     h_chosen, h_rejected = h_Bx2xLxD[:, 0], h_Bx2xLxD[:, 1]
-  negatives_BxL, chosen_id_Bx2 = pair_identity(batch)
+  negatives_BxL, chosen_id_Bx2 = pair_identity(batch) if identity is None else identity
   return losses.PairOutputs(
       reward_chosen_B=reward_Bx2[:, 0], reward_rejected_B=reward_Bx2[:, 1],
       h_chosen_BxLxD=h_chosen, h_rejected_BxLxD=h_rejected,
@@ -104,18 +113,20 @@ def forward_pairs(model, batch, start_layer: int = 0, states_Bx2xP=None) -> loss
       margin_B=batch["margin"], negatives_BxL=negatives_BxL, chosen_id_Bx2=chosen_id_Bx2)
 
 
-def forward_shared(model, batch, start_layer: int = 0, states_Bx2xP=None):
+def last_tokens(batch) -> jax.Array:
+  """[B, 2]: the index of each sequence's last real token, where its reward is read."""
+  b, _, l = batch["mask"].shape
+  return last_token_index(batch["mask"].reshape(2 * b, l)).reshape(b, 2)
+
+
+def forward_shared(model, batch, states_Bx2xP=None):
   """``(reward_Bx2, h_chosen, h_rejected)`` from one row per pair, ``[shared | chosen rest |
   rejected rest]`` (``rmjax.data.pipeline.share_prompt``), in the per-sequence coordinates of
   ``tokens``/``mask`` (``shared_index`` maps them into the row), so the losses sample and read
   the same states as with one row per sequence. ``states``: as in ``forward_pairs``."""
-  if "features" in batch or start_layer:
-    raise ValueError("data.layout='shared_prompt' runs the model from tokens; cached features "
-                     "(the loss lab) are per sequence: use data.layout='pairs'")
-  b, _, l = batch["mask"].shape
+  b = batch["mask"].shape[0]
   index_Bx2xL = batch["shared_index"]
-  last_Bx2 = last_token_index(batch["mask"].reshape(2 * b, l)).reshape(b, 2)
-  reward_rows_Bx2 = jnp.take_along_axis(index_Bx2xL, last_Bx2[..., None], axis=2)[..., 0]
+  reward_rows_Bx2 = jnp.take_along_axis(index_Bx2xL, last_tokens(batch)[..., None], axis=2)[..., 0]
   run = functools.partial(model, batch["shared_tokens"], batch["shared_mask"],
                           parts_BxL=batch["shared_parts"])
   if states_Bx2xP is None:
@@ -128,6 +139,47 @@ def forward_shared(model, batch, start_layer: int = 0, states_Bx2xP=None):
   return reward_Bx2, h_BxQxD[:, :p], h_BxQxD[:, p:]
 
 
+def _in_groups(x_GxNx, index_GxM) -> jax.Array:
+  """``x[g, index[g, m]]``: a gather within each group (the leading axis, which the batch
+  sharding splits), so that it stays on the device holding the group."""
+  return jax.vmap(lambda x, i: x[i])(x_GxNx, index_GxM)
+
+
+def forward_packed(model, batch, states_Bx2xP=None):
+  """``(reward_Bx2, h_chosen, h_rejected)`` from packed rows (``rmjax.data.packing``), in the
+  per-sequence coordinates as ``forward_shared``. The rows run as ``[G * R, S]``; row ``r``
+  reads its K slots' rewards (R = 2K reads) and sampled states, and the pairs take theirs back
+  from their slot (``packed_slot``); every gather is within a group."""
+  g, r, s = batch["packed_tokens"].shape
+  k = batch["packed_pairs"].shape[-1]
+  b, _, l = batch["mask"].shape
+  in_groups = lambda x: x.reshape(g, b // g, *x.shape[1:])
+  slot_pairs_GxRK = batch["packed_pairs"].reshape(g, r * k)
+  empty_GxRK = slot_pairs_GxRK < 0
+
+  def per_slot(where_Bx2xN):  # the pairs' group coordinates -> each row's slots' positions
+    where_GxRKx2xN = _in_groups(in_groups(where_Bx2xN), jnp.maximum(slot_pairs_GxRK, 0))
+    where_GxRKx2xN = jnp.where(empty_GxRK[:, :, None, None], 0, where_GxRKx2xN % s)
+    return where_GxRKx2xN.reshape(g * r, k * 2 * where_Bx2xN.shape[-1])
+
+  index_Bx2xL = batch["packed_index"]
+  reward_rows = per_slot(jnp.take_along_axis(index_Bx2xL, last_tokens(batch)[..., None], axis=2))
+  states = None if states_Bx2xP is None else per_slot(
+      jnp.take_along_axis(index_Bx2xL, states_Bx2xP, axis=2))
+  reward_GRx2K, h = model(batch["packed_tokens"].reshape(g * r, s),
+                          batch["packed_mask"].reshape(g * r, s), ReadRows(states, reward_rows),
+                          parts_BxL=batch["packed_parts"].reshape(g * r, s))
+  slot_GxBg, d = in_groups(batch["packed_slot"]), h.shape[-1]
+  reward_Bx2 = _in_groups(reward_GRx2K.reshape(g, r * k, 2), slot_GxBg).reshape(b, 2)
+  if states_Bx2xP is None:  # every token's state, from its place in its group's rows
+    h_GxNxD = _in_groups(h.reshape(g, r * s, d), in_groups(index_Bx2xL).reshape(g, -1))
+    h_Bx2xNxD = h_GxNxD.reshape(b, 2, l, d)
+  else:  # the sampled states, from their pair's slot
+    p = states_Bx2xP.shape[-1]
+    h_Bx2xNxD = _in_groups(h.reshape(g, r * k, 2, p, d), slot_GxBg).reshape(b, 2, p, d)
+  return reward_Bx2, h_Bx2xNxD[:, 0], h_Bx2xNxD[:, 1]
+
+
 def pair_identity(batch) -> tuple[jax.Array, jax.Array]:
   """From the tokens: where negatives may be drawn (the rejected response from its first token
   that differs from the chosen sequence), and the chosen sequence's id (copies share it)."""
@@ -137,15 +189,15 @@ def pair_identity(batch) -> tuple[jax.Array, jax.Array]:
   return negatives_BxL, losses.sequence_id(tokens[:, 0], mask[:, 0])
 
 
-def sampled_rows(batch, key, terms: tuple[Term, ...]):
+def sampled_rows(batch, key, terms: tuple[Term, ...], negatives_BxL):
   """The sparse path: every contrastive term samples its states before the forward pass.
 
   Returns the rows to compute, [B, 2, P] (chosen: each term's sources then goals; rejected: its
   negatives; padded with row 0), and the terms re-pointed at those rows of the compact ``h``.
   Each term samples with the key the dense path gives it, so both see the same states.
+  ``negatives``: ``pair_identity``'s.
   """
   b = batch["mask"].shape[0]
-  negatives_BxL, _ = pair_identity(batch)
   rows_c, rows_r, calls = [], [], []
   for i, (name, weight, fn) in enumerate(terms):
     if isinstance(fn, losses.ContrastiveTerm):
@@ -199,8 +251,9 @@ def objective(model, batch, key, terms: Objective, start_layer: int = 0, scales=
   scales = scales or {}
   calls = terms.terms
   if terms.sparse:
-    states_Bx2xP, calls = sampled_rows(batch, key, calls)
-    out = forward_pairs(model, batch, start_layer, states_Bx2xP)
+    identity = pair_identity(batch)
+    states_Bx2xP, calls = sampled_rows(batch, key, calls, identity[0])
+    out = forward_pairs(model, batch, start_layer, states_Bx2xP, identity)
   else:
     out = forward_pairs(model, batch, start_layer)
   total = jnp.zeros((), jnp.float32)

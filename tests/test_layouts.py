@@ -167,10 +167,10 @@ def test_unknown_layout_is_an_error():
                   layout="rows")
 
 
-@pytest.mark.parametrize("layout", ["pairs", "shared_prompt"])
+@pytest.mark.parametrize("layout", ["pairs", "shared_prompt", "packed"])
 def test_memory_planning_compiles_the_batch_the_pipeline_gives(layout):
   """``memory.abstract_batch`` (what ``rmjax.main``'s memory check and ``rmjax.aot`` compile) has
-  the pipeline's fields and dtypes in either layout, each at least as long as any batch."""
+  the pipeline's fields and dtypes in every layout, each at least as long as any batch."""
   from rmjax import memory
   config = tiny_config("paper")
   config.data.layout = layout

@@ -25,6 +25,10 @@ shared positions), and the losses read its states through ``shared_index`` in th
 coordinates, which stay as they are: same loss, metrics and gradients, fewer tokens. A row
 holds at most ``2 * max_len`` tokens.
 
+``packed`` (``rmjax.data.packing``) packs the shared-prompt rows of several pairs into rows of
+``pack_len`` tokens (default ``2 * max_len``), with segment ids that keep the pairs apart: fields
+``packed_*`` instead of ``shared_*``, the pair fields as they are.
+
 Length bucketing (``buckets``): each training batch is trimmed to the smallest bucket length that
 holds its longest row (over all processes' shares of the global batch, which must agree on a
 shape), so the train step compiles once per bucket (a handful of shapes), and
@@ -35,6 +39,7 @@ each window; with ``sort_window=1`` in the same batches.
 """
 from __future__ import annotations
 
+import functools
 import json
 
 import grain
@@ -43,9 +48,11 @@ import numpy as np
 from absl import flags
 from jax.experimental import multihost_utils
 
+from rmjax.data import packing
+
 FIELDS = ("tokens", "mask", "response", "margin", "truncated")
 SHARED_FIELDS = ("shared_tokens", "shared_mask", "shared_parts")  # [B, S]; + shared_index
-LAYOUTS = ("pairs", "shared_prompt")
+LAYOUTS = ("pairs", "shared_prompt", "packed")
 
 
 def fit(n_prompt: int, n_response: int, max_len: int, keep: int = 0) -> tuple[int, int]:
@@ -152,11 +159,13 @@ def trim_shared(batch: dict, length: int) -> dict:
   return {k: v[:, :length] if k in SHARED_FIELDS else v for k, v in batch.items()}
 
 
-def process_max(value: int) -> int:
-  """The largest ``value`` over all processes; every process must call it at the same point."""
+def process_max(value):
+  """The largest ``value`` (an int, or elementwise an int array) over all processes; every
+  process must call it at the same point."""
   if jax.process_count() == 1:
     return value
-  return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+  gathered = multihost_utils.process_allgather(np.asarray(value, np.int32))
+  return int(np.max(gathered)) if np.ndim(value) == 0 else np.max(gathered, axis=0)
 
 
 class BucketTrim:
@@ -202,7 +211,8 @@ class Batcher(grain.experimental.FlatMapTransform):
 
 def train_dataset(source, tokenizer, *, global_batch_size: int, max_len: int, seed: int,
                   padding_side: str = "right", buckets=(), sort_window: int = 1,
-                  layout: str = "pairs", num_threads: int = 0, num_workers: int = 0,
+                  layout: str = "pairs", pack_len: int = 0, pack_shards: int = 1,
+                  accum_steps: int = 1, num_threads: int = 0, num_workers: int = 0,
                   shard_options: grain.sharding.ShardOptions | None = None) -> grain.IterDataset:
   """Infinite, reshuffled each epoch, this process's share of every global batch.
 
@@ -213,9 +223,12 @@ def train_dataset(source, tokenizer, *, global_batch_size: int, max_len: int, se
   the process count. ``num_threads`` read and
   tokenise windows in parallel threads, ``num_workers`` > 0 adds that many worker processes
   (grain ``mp_prefetch``, a few seconds to start); neither changes the batches or their order,
-  and the iterator state restores exactly. ``layout``: ``pairs`` or ``shared_prompt`` (module
-  doc); shared rows are always trimmed to a bucket (``BucketTrim``; ``max_len`` or twice it
-  without ``buckets``).
+  and the iterator state restores exactly. ``layout``: ``pairs``, ``shared_prompt`` or
+  ``packed`` (module doc); shared rows are always trimmed to a bucket (``BucketTrim``; ``max_len``
+  or twice it without ``buckets``). ``packed``: rows of ``pack_len`` tokens (0: ``2 * max_len``)
+  packed within groups of the pairs each of this process's ``pack_shards`` batch shards holds in
+  each of ``accum_steps`` micro-batches (``rmjax.data.packing``), in this thread (after
+  ``BucketTrim``), so the iterator state is the same as for the other layouts.
   """
   if layout not in LAYOUTS:
     raise ValueError(f"data.layout={layout!r}: expected one of {LAYOUTS}")
@@ -224,12 +237,14 @@ def train_dataset(source, tokenizer, *, global_batch_size: int, max_len: int, se
     raise ValueError(f"batch_size={global_batch_size} is not divisible by {shard.shard_count} "
                      "processes")
   batch_size = global_batch_size // shard.shard_count
+  if layout == "packed":
+    packing.pair_groups(batch_size, pack_shards, accum_steps)  # an error now, not mid-run
   batcher = Batcher(batch_size=batch_size, window=sort_window, seed=seed)
   ds = (grain.MapDataset.source(source)
         .shuffle(seed=seed)
         .repeat()
         .map(lambda ex: encode_pair(ex, tokenizer, max_len, padding_side)))
-  if layout == "shared_prompt":
+  if layout != "pairs":
     ds = ds.map(lambda pair: share_prompt(pair, tokenizer.pad_id))
   ds = (ds.batch(batch_size * sort_window, drop_remainder=True)
         [shard.shard_index::shard.shard_count]
@@ -242,8 +257,16 @@ def train_dataset(source, tokenizer, *, global_batch_size: int, max_len: int, se
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   ds = grain.experimental.FlatMapIterDataset(ds, batcher)
   # in this (the training loop's) thread: all processes agree on each batch's length
-  trimmed = buckets or layout == "shared_prompt"
-  return ds.map(BucketTrim(buckets, max_len, padding_side)) if trimmed else ds
+  trim_to = BucketTrim(buckets, max_len, padding_side)
+  if buckets or layout != "pairs":
+    ds = ds.map(trim_to)
+  if layout == "packed":
+    pack_len = pack_len or 2 * max_len
+    ds = ds.map(functools.partial(
+        packing.pack, pad_id=tokenizer.pad_id, pack_len=pack_len,
+        row_lengths=sorted({*trim_to.shared_buckets, pack_len}),
+        shards=pack_shards, accum_steps=accum_steps, agree=process_max))
+  return ds
 
 
 def length_report(source, tokenizer, max_len: int, limit: int | None = None) -> dict:

@@ -17,8 +17,8 @@ BUILDERS = {"gsm8k_solutions": "gsm8k_solutions/pairs", "gsm8k_perturbed": "gsm8
             "hh_rlhf": "hh_rlhf", "finegrained_qa": "finegrained_qa/decisive",
             "preference_jsonl": "preference_jsonl"}
 # data.* fields that tune the training pipeline, with their values for configs that lack them
-PIPELINE_DEFAULTS = {"buckets": (), "sort_window": 1, "layout": "pairs", "num_threads": 0,
-                     "num_workers": 0}
+PIPELINE_DEFAULTS = {"buckets": (), "sort_window": 1, "layout": "pairs", "pack_len": 0,
+                     "num_threads": 0, "num_workers": 0}
 
 
 def make_tokenizer(config):
