@@ -69,18 +69,37 @@ def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
   return bins
 
 
+def row_length(units_GxN: list[np.ndarray], pack_len: int, row_lengths) -> int:
+  """The row capacity for a batch's groups of units: of the ``row_lengths`` from the longest
+  unit up to ``pack_len``, the one whose packing has the fewest token slots (rows of the group
+  that needs most, rounded as ``sizes``, times the length), the shortest of equals (less
+  attention per token); rows longer than ``pack_len`` only to hold a longer unit."""
+  longest = max(int(u.max()) for u in units_GxN)
+  top = next(x for x in sorted({*row_lengths, max(pack_len, longest)}) if x >= max(pack_len,
+                                                                               longest))
+  limit = sizes(len(units_GxN[0]))
+
+  def slots(capacity):
+    most = max(len(first_fit_decreasing(u, capacity)) for u in units_GxN)
+    return next(x for x in limit if x >= most) * capacity
+
+  return min((x for x in sorted({*row_lengths, top}) if longest <= x <= top), key=slots)
+
+
 def pack(batch: dict, *, pad_id: int, pack_len: int, row_lengths, shards: int = 1,
          accum_steps: int = 1, agree=lambda counts: counts) -> dict:
   """A batch with shared-prompt rows (``share_prompt``, ``shared_*`` fields) -> the same pairs
-  with packed rows instead (module doc). ``row_lengths``: the lengths a row may be cut to;
-  ``agree``: ``[rows, slots, fill]`` -> their maxima over processes (``pipeline.process_max``)."""
+  with packed rows instead (module doc). Rows are ``row_length`` long, cut to the smallest of
+  ``row_lengths`` that holds the fullest. ``agree``: an int array -> its maxima over processes
+  (``pipeline.process_max``), so that all processes' batches have one shape."""
   units_N = batch["shared_mask"].astype(bool).sum(-1)
   n = len(units_N)
   group_N = pair_groups(n, shards, accum_steps)
   n_groups = shards * accum_steps
   per_group = n // n_groups
-  capacity = max(pack_len, int(units_N.max()))
   members = [np.flatnonzero(group_N == g) for g in range(n_groups)]  # pair order within group
+  capacity = int(agree(np.asarray([row_length([units_N[m] for m in members], pack_len,
+                                              row_lengths)]))[0])
   rows = [first_fit_decreasing(units_N[m], capacity) for m in members]
   fill = max(int(units_N[members[g]][r].sum()) for g in range(n_groups) for r in rows[g])
   most_rows = max(map(len, rows))
@@ -88,7 +107,7 @@ def pack(batch: dict, *, pad_id: int, pack_len: int, row_lengths, shards: int = 
   most_rows, most_slots, fill = (int(x) for x in agree(np.asarray([most_rows, most_slots, fill])))
   r_rows = next(x for x in sizes(per_group) if x >= most_rows)
   k_slots = next(x for x in sizes(per_group) if x >= most_slots)
-  s = next((x for x in sorted(row_lengths) if x >= fill), fill)
+  s = next(x for x in sorted({*row_lengths, capacity}) if x >= fill)
   tokens = np.full((n_groups, r_rows, s), pad_id, np.int32)
   mask, parts = np.zeros_like(tokens), np.zeros_like(tokens)
   slots = np.full((n_groups, r_rows, k_slots), -1, np.int32)
