@@ -4,10 +4,11 @@
 
 A unit is a pair's shared-prompt row (``pipeline.share_prompt``: ``[common prefix | chosen rest |
 rejected rest]``). A batch's pairs are split into groups (``pair_groups``) and each group's units
-are packed first-fit decreasing into rows of ``pack_len`` tokens (or of the longest unit, when
-longer). Every group of a batch gets the same R rows and K slots a row (the most any group needs,
-over all processes, rounded up to ``sizes``), and rows are cut to the smallest length in
-``row_lengths`` holding the fullest. Fields added; the pair fields stay as they are, so the
+are packed first-fit decreasing into rows of at most ``pack_len`` tokens (of the longest unit,
+when longer): of the row buckets, the length that needs the fewest token slots (``row_length``).
+Every group of a batch gets the same R rows and K slots a row (the most any group needs, over all
+processes, rounded up to ``sizes``), and rows are cut to the smallest length in ``row_lengths``
+holding the fullest. Fields added; the pair fields stay as they are, so the
 losses, metrics and accumulation read the same pairs:
   packed_tokens int32 [G, R, S]  the units one after the other, right-padded
   packed_mask   int32 [G, R, S]  0 = pad, else the unit's segment id 1, 2, ... in its row
