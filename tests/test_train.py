@@ -229,6 +229,23 @@ def test_itstime_every_n_steps_and_the_last():
   assert [s for s in range(1, 4) if train.itstime(s, 1, 3)] == [1, 2, 3]
 
 
+def test_batch_outputs_of_padded_batches_are_the_rows_outputs_in_order(mesh1):
+  rows = {"x": np.arange(10, dtype=np.float32).reshape(5, 2), "y": np.arange(5, dtype=np.int32)}
+  batches = list(train.padded_batches(rows, 2))
+  assert [n for _, n in batches] == [2, 2, 1]
+  np.testing.assert_array_equal(batches[-1][0]["y"], [4, 4])  # filled up with the final row
+  shapes = []
+
+  def fn(state, batch):
+    shapes.append(batch["x"].shape)
+    return {"sum": batch["x"].sum(1) + state, "y": batch["y"]}, batch["y"] * 2
+  out, twice = train.batch_outputs(fn, 1.0, batches, mesh1)
+  assert shapes == [(2, 2)] * 3  # one shape: one compile
+  np.testing.assert_array_equal(out["sum"], rows["x"].sum(1) + 1)
+  np.testing.assert_array_equal(out["y"], rows["y"])
+  np.testing.assert_array_equal(twice, 2 * rows["y"])
+
+
 def test_loop_yields_due_steps_and_stops_at_the_skip_limit():
   """A step function whose skip streak is given per step: the loop yields only at due steps
   (metrics on the host), and stops at the step that reaches the limit, whether it is checked
