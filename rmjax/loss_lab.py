@@ -1,9 +1,10 @@
 """Loss lab: train the top of a reward model on cached backbone features (``rmjax.cache_features``).
 
 Only the blocks from the cached layer up, the final norm and the head are trained, with the very
-same ``train_step`` and loss terms as full training (``rmjax.train``, ``rmjax.objective``) and the
-same metrics as evaluation (``rmjax.eval.metrics``) — a loss that helps here is a loss that helps
-there, at a fraction of the cost. ``scripts/loss_lab.py`` sweeps settings and seeds with it.
+same ``train_step``, training and evaluation loops (``rmjax.train``: ``loop``, ``batch_outputs``;
+no checkpoints) and loss terms (``rmjax.objective``) as full training, and the same metrics
+(``rmjax.eval.metrics``) — a loss that helps here is a loss that helps there, at a fraction of
+the cost. ``scripts/loss_lab.py`` sweeps settings and seeds with it.
 
 # B: batch of pairs, N: held-out solutions
 """
