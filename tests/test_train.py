@@ -160,6 +160,7 @@ def test_sigkill_mid_run_then_resume_is_bitwise_equal(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # ~60 s on 2 cores (two runs of rmjax.main); tests/test_run_safety.py resumes
 def test_corrupt_latest_checkpoint_falls_back_and_keeps_it(tmp_path):
   work = tmp_path / "run"
   code, _, err = run_main(work, "--config.train.steps=8", "--config.train.ckpt_every=4",
