@@ -29,12 +29,13 @@ def interpret(monkeypatch):
 
 
 def row_masks(l: int):
-  """Segment ids and parts of three rows of length ``l``: right-padded shared-prompt row, two
-  packed shared-prompt units, and a left-padded row whose parts are all 0 (a plain sequence)."""
+  """Segment ids and parts of three rows of length ``l``: a right-padded shared-prompt row with
+  three responses (best-of-N scoring's rows), two packed shared-prompt units, and a left-padded
+  row whose parts are all 0 (a plain sequence)."""
   seg = np.zeros((3, l), np.int32)
   parts = np.zeros((3, l), np.int32)
   seg[0, :l - 7] = 1
-  parts[0, 9:l - 30], parts[0, l - 30:l - 7] = 1, 2
+  parts[0, 9:l - 30], parts[0, l - 30:l - 20], parts[0, l - 20:l - 7] = 1, 2, 3
   seg[1, :l // 2], seg[1, l // 2:l - 1] = 1, 2
   parts[1, 5:20], parts[1, 20:l // 2] = 1, 2
   parts[1, l // 2 + 3:l // 2 + 9], parts[1, l // 2 + 9:l - 1] = 1, 2
