@@ -7,6 +7,7 @@ trainer's step holds the Mosaic kernel, so 'splash' is not silently the XLA path
 """
 import dataclasses
 import importlib.util
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +86,18 @@ def test_splash_model_equals_xla_model(interpret, mesh1):
     rows = jnp.asarray([[3, 17, 30, 40, 47]] * tokens.shape[0])
     assert_tree_close(run(splash, tokens, mask, part, rows), run(xla, tokens, mask, part, rows),
                       rtol=1e-5)
+
+
+def test_splash_with_parts_and_a_window_runs_xla_and_says_so(caplog):
+  """Shared-prompt rows with a sliding window: XLA attention (no TPU needed), one log line."""
+  cfg = dataclasses.replace(CFG, sliding_window=8, attention="splash")
+  seg, parts = row_masks(48)
+  _, mask_BxLxL = positions_and_mask(seg, 8, parts)
+  q, k = jax.random.normal(jax.random.key(0), (3, 48, 4, 8)), jnp.ones((3, 48, 2, 8))
+  with caplog.at_level(logging.WARNING, logger=attention.__name__):
+    got = attention.attend(cfg, q, k, k, attention.SegmentMask(mask_BxLxL, seg, parts))
+  assert "model.sliding_window run on XLA attention" in caplog.text
+  np.testing.assert_array_equal(got, attention.attend(CFG, q, k, k, mask_BxLxL))
 
 
 def test_splash_is_refused_where_it_cannot_run():
