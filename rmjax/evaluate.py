@@ -12,15 +12,17 @@ AUROC of reward vs correctness over the distinct solutions (one in several pairs
 *training* pairs, Q_t traces, and error localisation (``rmjax.eval.localize``) against
 ``error_char`` when the data records it. Majority voting needs several sampled solutions per
 problem with final answers (``rmjax.eval.voting``); pair data has one correct and one incorrect per
-problem, so eval.json says it was skipped.
+problem, so eval.json says it was skipped. ``--layout=shared_prompt`` (default) runs each pair's
+prompt once, its responses in one row as ``rmjax.score`` packs best-of-N lines; ``sequences``: a
+row per response. Both give the same rewards, final states and Q_t.
 
   python -m rmjax.evaluate --model=M --solutions=FILE.jsonl [--threshold=0] [--normalize] \
       [--out=DIR]
 
 evaluates any labelled single solutions instead (``rmjax.eval.solutions``: one line per solution,
-each scored once with ``rmjax.score``): ``--model`` is whatever ``rmjax.score`` reads (an rmjax run,
-an exported loss-lab run, a Hugging Face folder, a ``.gguf``). Written: ``scored.jsonl``,
-``eval.json``, ``eval.md``, ``reward_hist.png``, ``roc.png``.
+each scored once with ``rmjax.score``, ``--layout`` as there): ``--model`` is whatever
+``rmjax.score`` reads (an rmjax run, an exported loss-lab run, a Hugging Face folder, a ``.gguf``).
+Written: ``scored.jsonl``, ``eval.json``, ``eval.md``, ``reward_hist.png``, ``roc.png``.
 
 # N: sequences, L: sequence length, D: model dim
 """
@@ -42,8 +44,10 @@ from rmjax.eval import goal as goal_lib, localize, plots
 from rmjax.eval import solutions as solutions_lib
 from rmjax.eval.metrics import (auroc, auroc_ci, markdown_table, preference_metrics,
                                 unique_solutions)
+from rmjax.indexing import ReadRows, gather_rows
 from rmjax.train_state import merge, model_config
 
+LAYOUTS = score.LAYOUTS
 VOTING_SKIPPED = ("pair data has one correct and one incorrect solution per problem, not several "
                   "sampled solutions with final answers; see rmjax.eval.voting")
 
@@ -52,10 +56,18 @@ VOTING_SKIPPED = ("pair data has one correct and one incorrect solution per prob
 
 def make_forward(graphdef):
   """``forward(state, batch, goal_D)`` over single sequences ``batch = {tokens, mask}_NxL``:
-  reward, final-token state, ``Q_t`` and the reward of every prefix (the head on each ``h_t``)."""
+  reward, final-token state, ``Q_t`` and the reward of every prefix (the head on each ``h_t``).
+  Over packed rows ``batch = {tokens, mask, parts}_BxL, reads_BxR`` (``rmjax.score.row_arrays``):
+  reward and final state at each read ([B, R]), ``Q_t`` and prefix reward at each row position."""
 
   def forward(state, batch, goal_D):
     model, _ = merge(graphdef, state)
+    if "parts" in batch:
+      reward_BxR, h_BxLxD = model(batch["tokens"], batch["mask"],
+                                  ReadRows(None, batch["reads"]), parts_BxL=batch["parts"])
+      return {"reward": reward_BxR, "h_final": gather_rows(h_BxLxD, batch["reads"]),
+              "q": goal_lib.q_values(h_BxLxD, goal_D, batch["mask"]),
+              "prefix_reward": model.head(h_BxLxD)[..., 0]}
     reward_N, h_NxLxD = model(batch["tokens"], batch["mask"])
     return {"reward": reward_N,
             "h_final": goal_lib.final_token_states(h_NxLxD, batch["mask"]),
@@ -73,6 +85,58 @@ def run_sequences(forward, state, rows: dict, goal_D, *, batch_size: int, mesh, 
                  total=-(-len(seqs["tokens"]) // batch_size))
   return train.batch_outputs(lambda s, batch: forward(s, batch, goal_D), state, batches, mesh,
                              rules)
+
+
+def pack_shared_prompt(rows: dict, row_len: int) -> list[score.Row]:
+  """``rows = {tokens, mask, response}_NxL`` as ``rmjax.score`` packs lines
+  (``score.pack_rows``): the sequences with one prompt (the same prompt tokens) share rows of at
+  most ``row_len`` tokens, their common token prefix once."""
+  real_NxL, resp_NxL = rows["mask"].astype(bool), rows["response"].astype(bool)
+  seqs = [t[m].tolist() for t, m in zip(rows["tokens"], real_NxL)]
+  keys = [t[m & ~r].tobytes() for t, m, r in zip(rows["tokens"], real_NxL, resp_NxL)]
+  return score.pack_rows(seqs, keys, row_len, "shared_prompt")
+
+
+def run_shared_prompt(forward, state, rows: dict, goal_D, *, batch_size: int, mesh, rules,
+                      desc: str, row_len: int = 0) -> dict:
+  """``run_sequences``' outputs (padding: ``q`` NaN, ``prefix_reward`` 0) from packed rows
+  (``pack_shared_prompt``) of at most ``row_len`` tokens (0: ``2 * L``, as training's
+  shared-prompt rows: a pair always fits), ``batch_size`` rows per pass: ``train.batch_outputs``
+  over the rows of each length bucket (``score.bucket_length``; every row reads as many
+  positions as the fullest: one compiled shape per length), then each sequence's values read
+  back from its row: the shared positions, then its own part's."""
+  real_NxL = rows["mask"].astype(bool)
+  row_len = row_len or 2 * real_NxL.shape[1]
+  packed, groups = pack_shared_prompt(rows, row_len), {}
+  for row in packed:
+    groups.setdefault(score.bucket_length(len(row.ids), row_len), []).append(row)
+  n_reads, out = score.row_shape(packed, row_len)[1], {}
+  for length, group in tqdm(sorted(groups.items()), desc=desc):
+    arrays = score.row_arrays(group, length, n_reads, 0)
+    res = train.batch_outputs(lambda s, batch: forward(s, batch, goal_D), state,
+                              train.padded_batches(arrays, batch_size), mesh, rules)
+    if not out:
+      n, l = real_NxL.shape
+      out = {"reward": np.zeros(n, res["reward"].dtype),
+             "h_final": np.zeros((n, res["h_final"].shape[-1]), res["h_final"].dtype),
+             "q": np.full((n, l), np.nan, res["q"].dtype),
+             "prefix_reward": np.zeros((n, l), res["prefix_reward"].dtype)}
+    for b, row in enumerate(group):
+      parts_L = np.asarray(row.parts)
+      shared_S = np.flatnonzero(parts_L == 0)
+      for r, (i, _) in enumerate(row.reads):
+        at = np.concatenate([shared_S, np.flatnonzero(parts_L == r + 1)])
+        to = np.flatnonzero(real_NxL[i])
+        out["reward"][i], out["h_final"][i] = res["reward"][b, r], res["h_final"][b, r]
+        out["q"][i, to], out["prefix_reward"][i, to] = res["q"][b, at], res["prefix_reward"][b, at]
+  return out
+
+
+def run_layout(layout: str, *args, **kwargs) -> dict:
+  """``run_sequences`` (``layout='sequences'``) or ``run_shared_prompt``: the same outputs."""
+  if layout not in LAYOUTS:
+    raise ValueError(f"--layout={layout!r}: expected one of {LAYOUTS}")
+  return (run_sequences if layout == "sequences" else run_shared_prompt)(*args, **kwargs)
 
 
 def encode_pairs(source, tokenizer, config, n: int) -> dict:
@@ -125,8 +189,10 @@ def error_windows(examples, tokenizer, response_lengths, k: int):
 
 def evaluate(config, checkpoint: str, out_dir: str | None = None, *, goal_examples: int = 512,
              n_boot: int = 1000, hit_k: int = 3, threshold: float = 0.0,
-             num_traces: int = 6) -> dict:
-  """Evaluates the checkpoint; writes ``eval.json``, ``eval.md`` and plots; returns the dict."""
+             num_traces: int = 6, layout: str = "shared_prompt") -> dict:
+  """Evaluates the checkpoint; writes ``eval.json``, ``eval.md`` and plots; returns the dict.
+  ``layout``: ``shared_prompt`` (a pair's prompt runs once: ``run_shared_prompt``) or
+  ``sequences`` (a row per response: ``run_sequences``); the same outputs."""
   if jax.process_count() > 1:
     raise RuntimeError("rmjax.evaluate runs in a single process")
   out_dir = out_dir or os.path.join(resolve_run(checkpoint)[2], "evaluate")
@@ -138,8 +204,9 @@ def evaluate(config, checkpoint: str, out_dir: str | None = None, *, goal_exampl
     step, step_dir, graphdef, state = restore_state(config, mesh, checkpoint)
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     forward = jax.jit(make_forward(graphdef), in_shardings=(state_sharding, None, None))
-    run = lambda rows, goal_D, desc: run_sequences(
-        forward, state, rows, goal_D, batch_size=2 * config.train.batch_size, mesh=mesh,
+    run = lambda rows, goal_D, desc: run_layout(  # rows of a pair or of one sequence
+        layout, forward, state, rows, goal_D, mesh=mesh,
+        batch_size=(1 if layout == "shared_prompt" else 2) * config.train.batch_size,
         rules=rules, desc=desc)
     d = model_config(config).dim  # the checkpoint's with model.init_from
 
@@ -165,7 +232,7 @@ def evaluate(config, checkpoint: str, out_dir: str | None = None, *, goal_exampl
   r_traces = [r[m] for r, m in zip(res["prefix_reward"], resp)]
   q_final = np.asarray([t[-1] for t in q_traces])
   result = {
-      "step": int(step), "checkpoint": step_dir, "n_pairs": len(examples),
+      "step": int(step), "checkpoint": step_dir, "n_pairs": len(examples), "layout": layout,
       **preference_metrics(res["reward"][0::2], res["reward"][1::2], solutions),
       "n_solutions": len(solutions),
       "auroc_ci": auroc_ci(res["reward"][solutions], labels[solutions], groups[solutions],
@@ -215,11 +282,13 @@ def evaluate(config, checkpoint: str, out_dir: str | None = None, *, goal_exampl
 
 def evaluate_solutions(model: str, solutions_path: str, out_dir: str | None = None, *,
                        threshold: float = 0.0, normalize: bool = False, n_boot: int = 1000,
-                       seed: int = 0, batch_size: int = 16, max_len: int = 2048) -> dict:
+                       seed: int = 0, batch_size: int = 16, max_len: int = 2048,
+                       layout: str = "shared_prompt") -> dict:
   """Scores every labelled solution of ``solutions_path`` once with ``model`` (``rmjax.score``)
   and reports ``rmjax.eval.solutions.solution_metrics``; ``normalize``: rewards ``(r - mean) /
   std`` with the stats stored with the model (``rmjax.score.reward_stats``), so that threshold 0
-  is the stored mean. Writes ``scored.jsonl``, ``eval.json``, ``eval.md`` and plots."""
+  is the stored mean. ``layout``: ``rmjax.score``'s (the solutions of one prompt share rows, or a
+  row each; the same rewards). Writes ``scored.jsonl``, ``eval.json``, ``eval.md`` and plots."""
   labels, problems = solutions_lib.read_labels(solutions_path)  # bad lines before any model
   stats = score.reward_stats(model) if normalize else None
   out_dir = out_dir or os.path.splitext(solutions_path)[0] + "_eval"
@@ -229,7 +298,7 @@ def evaluate_solutions(model: str, solutions_path: str, out_dir: str | None = No
   with sharding.use_mesh(mesh):
     rm, tokenizer = score.load_model(model, mesh)
     score.score_file(rm, tokenizer, solutions_path, scored, batch_size=batch_size,
-                     max_len=max_len, mesh=mesh, stats=stats)
+                     max_len=max_len, mesh=mesh, stats=stats, layout=layout)
   rewards = np.asarray([r["reward"] for _, r in iter_jsonl(scored)], np.float64)
   result = {"model": model, "solutions": solutions_path, "scored": scored, "normalized": normalize,
             **solutions_lib.solution_metrics(rewards, labels, problems, threshold=float(threshold),
@@ -282,6 +351,9 @@ def _cli():
                                 "with the stats stored with --model (threshold 0 = the mean).")
   batch_size = flags.DEFINE_integer("batch_size", 16, "With --solutions: sequences per pass.")
   max_len = flags.DEFINE_integer("max_len", 2048, "With --solutions: longest sequence.")
+  layout = flags.DEFINE_enum(
+      "layout", "shared_prompt", LAYOUTS, "shared_prompt: the responses of one prompt share a "
+      "row, the prompt once (the same outputs); sequences: a row per response.")
 
   def main(argv):
     del argv
@@ -291,7 +363,8 @@ def _cli():
         raise app.UsageError("--solutions scores with --model (not --checkpoint)")
       result = evaluate_solutions(
           model.value, solutions.value, out.value, n_boot=n_boot.value, threshold=threshold.value,
-          normalize=normalize.value, batch_size=batch_size.value, max_len=max_len.value)
+          normalize=normalize.value, batch_size=batch_size.value, max_len=max_len.value,
+          layout=layout.value)
       keys = ("n_solutions", "n_problems", "auroc", "auroc_ci", "threshold", "accuracy")
     else:
       if config.value is None or not checkpoint.value:
@@ -299,7 +372,7 @@ def _cli():
                              "--solutions (a labelled solutions file)")
       result = evaluate(config.value, checkpoint.value, out.value,
                         goal_examples=goal_examples.value, n_boot=n_boot.value,
-                        hit_k=hit_k.value, threshold=threshold.value)
+                        hit_k=hit_k.value, threshold=threshold.value, layout=layout.value)
       keys = ("step", "pairwise_accuracy", "auroc", "auroc_ci")
     print(json.dumps({k: result[k] for k in keys}))
 

@@ -144,6 +144,28 @@ def pack_rows(seqs: list[list[int]], keys: list, max_len: int, layout: str) -> l
   return rows
 
 
+def row_shape(rows: list[Row], max_len: int) -> tuple[int, int]:
+  """``(length, reads)`` a batch of ``rows`` runs at: the bucket of the longest row, and the most
+  reads of a row rounded up to a power of two (few compiled shapes)."""
+  return (bucket_length(max(len(row.ids) for row in rows), max_len),
+          1 << (max(len(row.reads) for row in rows) - 1).bit_length())
+
+
+def row_arrays(rows: list[Row], length: int, n_reads: int, pad_id: int) -> dict:
+  """``{tokens, mask, parts}_BxL`` and ``reads_BxR`` (each row's read positions, the last one
+  repeated up to ``n_reads``) of ``rows``, right-padded to ``length``."""
+  batch = {k: np.zeros((len(rows), n), np.int32)
+           for k, n in (("tokens", length), ("mask", length), ("parts", length),
+                        ("reads", n_reads))}
+  batch["tokens"][:] = pad_id
+  for b, row in enumerate(rows):
+    n = len(row.ids)
+    batch["tokens"][b, :n], batch["mask"][b, :n], batch["parts"][b, :n] = row.ids, 1, row.parts
+    ends = [end for _, end in row.reads]
+    batch["reads"][b] = ends + ends[-1:] * (n_reads - len(ends))
+  return batch
+
+
 def bucket_length(n: int, max_len: int) -> int:
   """Next power of two (at least 16), capped at ``max_len``: few distinct compiled shapes."""
   return min(max_len, max(16, 1 << (n - 1).bit_length()))
@@ -236,18 +258,8 @@ def score_file(model, tokenizer, input_path: str, output_path: str, *, batch_siz
   rewards = np.zeros(len(encoded), np.float32)
   for start in tqdm(range(0, len(rows), batch_size), desc="score", unit="batch"):
     batch_rows = rows[start:start + batch_size]
-    length = bucket_length(max(len(row.ids) for row in batch_rows), max_len)
-    n_reads = 1 << (max(len(row.reads) for row in batch_rows) - 1).bit_length()  # few shapes
-    batch = {k: np.zeros((batch_size, n), np.int32)
-             for k, n in (("tokens", length), ("mask", length), ("parts", length),
-                          ("reads", n_reads))}
-    batch["tokens"][:] = tokenizer.pad_id
-    for b in range(batch_size):  # fixed batch shape: pad with a repeat
-      row = batch_rows[min(b, len(batch_rows) - 1)]
-      n = len(row.ids)
-      batch["tokens"][b, :n], batch["mask"][b, :n], batch["parts"][b, :n] = row.ids, 1, row.parts
-      ends = [end for _, end in row.reads]
-      batch["reads"][b] = ends + ends[-1:] * (n_reads - len(ends))
+    fill = batch_rows[-1:] * (batch_size - len(batch_rows))  # fixed batch shape: pad with a repeat
+    batch = row_arrays(batch_rows + fill, *row_shape(batch_rows, max_len), tokenizer.pad_id)
     if mesh is not None:
       batch = sharding.host_to_global(batch, mesh)
     out_BxR = np.asarray(jax.device_get(forward(graphdef, state, batch["tokens"], batch["mask"],

@@ -16,7 +16,7 @@ from absl import flags
 from ml_collections import config_flags
 from sklearn.metrics import roc_auc_score
 
-from rmjax import evaluate, sharding, train, train_state
+from rmjax import evaluate, score, sharding, train, train_state
 from rmjax.checkpoint import restore_state
 from rmjax.data import sources
 from rmjax.data.pipeline import encode_sequence
@@ -25,7 +25,7 @@ from rmjax.data.tokenizer import ByteTokenizer, smollm2_gguf
 from rmjax.eval import metrics, voting
 from rmjax.eval.goal import goal_state, load_goal
 from rmjax.models import LlamaConfig
-from tests.helpers import tiny_config
+from tests.helpers import assert_tree_close, tiny_config
 from tests.test_eval import naive_vote
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,13 +44,37 @@ def tiny_run(tmp_path_factory):
   return workdir
 
 
-def test_evaluate_matches_train_eval_and_compiles_once(tiny_run, tmp_path, caplog):
+def row_shapes(rows: dict, max_len: int) -> set[tuple[int, int]]:
+  """The (length, reads) ``run_shared_prompt`` runs ``rows`` at (rows of up to ``2 * max_len``;
+  every row reads as many positions as the fullest)."""
+  packed = evaluate.pack_shared_prompt(rows, 2 * max_len)
+  n_reads = score.row_shape(packed, 2 * max_len)[1]
+  return {(score.bucket_length(len(row.ids), 2 * max_len), n_reads) for row in packed}
+
+
+def test_evaluate_matches_train_eval_and_compiles_once_per_row_shape(tiny_run, tmp_path, caplog):
   c = run_config()
   with jax.log_compiles(True), caplog.at_level(logging.WARNING):
     result = evaluate.evaluate(c, tiny_run, str(tmp_path), goal_examples=24, n_boot=200)
   compiles = [r.getMessage() for r in caplog.records
               if "Compiling" in r.getMessage() and "forward" in r.getMessage()]
-  assert len(compiles) == 1, compiles  # goal pass and eval pass share one compiled forward
+  goal_rows = evaluate.encode_pairs(sources.make_source(c, "train"), ByteTokenizer(), c, 24)
+  shapes = row_shapes({k: v[0::2] for k, v in goal_rows.items()}, c.data.max_len)
+  shapes |= row_shapes(evaluate.encode_pairs(sources.make_source(c, "validation"),
+                                             ByteTokenizer(), c, c.data.eval_size),
+                       c.data.max_len)
+  # one compiled forward per row shape, shared by the goal and eval passes where they meet
+  assert result["layout"] == "shared_prompt" and len(compiles) == len(shapes), compiles
+  plain = evaluate.evaluate(c, tiny_run, str(tmp_path / "sequences"), goal_examples=24,
+                            n_boot=200, layout="sequences")
+  assert plain["localization"] == result["localization"]  # the same Q_t: the same predictions
+  for k in ("pairwise_accuracy", "auroc", "auroc_ci"):
+    assert plain[k] == result[k]
+  # two final Q_t within float rounding of each other may swap: 1 / (n_pos * n_neg) each
+  assert plain["q"]["auroc_final_token"] == pytest.approx(result["q"]["auroc_final_token"],
+                                                         abs=1e-3)
+  assert plain["q"] == pytest.approx(dict(result["q"], auroc_final_token=plain["q"][
+      "auroc_final_token"]), rel=1e-5)
 
   with open(os.path.join(tiny_run, "eval.json")) as f:
     trained = json.load(f)
@@ -170,6 +194,48 @@ def test_voting_on_scored_solutions_matches_naive_voting_on_the_models_q(tiny_ru
   assert max(row["accuracy"] for row in curve["curve"]) > 0  # a threshold drops wrong ones
   assert max(row["tokens_saved"] for row in curve["curve"]) > 0
   assert curve["curve"][-1]["fallback_problems"] == 8  # all discarded: every problem falls back
+
+
+def test_shared_prompt_rows_give_every_sequence_its_outputs_alone(tiny_run):
+  """Three solutions per problem (voting's input), some with prompts cut to ``max_len`` from the
+  left, under right and left padding: rewards, final states, Q_t and prefix rewards of rows that
+  hold each prompt once (``run_shared_prompt``) equal those of a row per sequence
+  (``run_sequences``), and so does the voting curve."""
+  c = run_config()
+  solutions = [{"problem_id": ex["problem_id"], "prompt": pre + ex["prompt"], "response": text,
+                "answer": text.split()[-1], "is_correct": text == ex["chosen"]}
+               for pre, ex in zip(["", "", "", "a long preamble to cut "],
+                                  SyntheticMath(4, split="validation"))
+               for text in (ex["chosen"], ex["rejected"], ex["chosen"][:-3] + "\n")]
+  mesh = sharding.make_mesh(tuple(c.mesh.shape))
+  with sharding.use_mesh(mesh):
+    _, _, graphdef, state = restore_state(c, mesh, tiny_run)
+    forward = jax.jit(evaluate.make_forward(graphdef))  # one per layout and row length
+    goal_D = np.random.default_rng(0).standard_normal(c.model.dim).astype(np.float32)
+    kw = dict(batch_size=8, mesh=mesh, rules=sharding.DEFAULT_RULES, desc="solutions")
+    for side in ("right", "left"):
+      c.data.padding_side = side
+      rows = evaluate.encode_solutions(solutions, ByteTokenizer(), c)
+      real_NxL = rows["mask"].astype(bool)
+      assert real_NxL.sum(1).max() == c.data.max_len  # the preamble's prompts were cut
+      packed = evaluate.pack_shared_prompt(rows, 2 * c.data.max_len)
+      assert len(packed) < len(solutions) and max(len(r.reads) for r in packed) == 3
+      want = evaluate.run_layout("sequences", forward, state, rows, goal_D, **kw)
+      got = evaluate.run_layout("shared_prompt", forward, state, rows, goal_D, **kw)
+      assert np.isnan(got["q"][~real_NxL]).all()
+      assert_tree_close({k: got[k] for k in ("reward", "h_final")},
+                        {k: want[k] for k in ("reward", "h_final")}, rtol=1e-5)
+      assert_tree_close({k: got[k][real_NxL] for k in ("q", "prefix_reward")},
+                        {k: want[k][real_NxL] for k in ("q", "prefix_reward")}, rtol=1e-5)
+      q_sorted = np.sort(want["q"][rows["response"].astype(bool)])  # thresholds in wide gaps:
+      ks = [i + np.argmax(np.diff(q_sorted)[i:i + 20]) for i in np.arange(1, 4) * len(q_sorted) // 4]
+      thresholds = [-np.inf, *((q_sorted[ks] + q_sorted[np.add(ks, 1)]) / 2)]  # no rounding tie
+      curves = [voting.voting_curve(evaluate.voting_inputs(solutions, rows, res), thresholds,
+                                    min_tokens=5)
+                for res in (want, got)]
+      assert curves[0] == curves[1]
+  with pytest.raises(ValueError, match="--layout='rows'"):
+    evaluate.run_layout("rows", forward, state, rows, goal_D, **kw)
 
 
 def test_error_windows_point_at_the_slip():
