@@ -76,15 +76,15 @@ def row_length(units_GxN: list[np.ndarray], pack_len: int, row_lengths) -> int:
   that needs most, rounded as ``sizes``, times the length), the shortest of equals (less
   attention per token); rows longer than ``pack_len`` only to hold a longer unit."""
   longest = max(int(u.max()) for u in units_GxN)
-  top = next(x for x in sorted({*row_lengths, max(pack_len, longest)}) if x >= max(pack_len,
-                                                                               longest))
+  lengths = sorted({*row_lengths, pack_len})
+  top = next((x for x in lengths if x >= max(pack_len, longest)), longest)
   limit = sizes(len(units_GxN[0]))
 
   def slots(capacity):
     most = max(len(first_fit_decreasing(u, capacity)) for u in units_GxN)
     return next(x for x in limit if x >= most) * capacity
 
-  return min((x for x in sorted({*row_lengths, top}) if longest <= x <= top), key=slots)
+  return min((x for x in {*lengths, top} if longest <= x <= top), key=lambda x: (slots(x), x))
 
 
 def pack(batch: dict, *, pad_id: int, pack_len: int, row_lengths, shards: int = 1,
