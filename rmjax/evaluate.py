@@ -101,15 +101,17 @@ def run_shared_prompt(forward, state, rows: dict, goal_D, *, batch_size: int, me
                       desc: str, row_len: int = 0) -> dict:
   """``run_sequences``' outputs (padding: ``q`` NaN, ``prefix_reward`` 0) from packed rows
   (``pack_shared_prompt``) of at most ``row_len`` tokens (0: ``2 * L``, as training's
-  shared-prompt rows: a pair always fits), ``batch_size`` rows per pass: ``train.batch_outputs``
-  over the rows of each length bucket (``score.bucket_length``; every row reads as many
-  positions as the fullest: one compiled shape per length), then each sequence's values read
-  back from its row: the shared positions, then its own part's."""
+  shared-prompt rows: a pair always fits). The rows, sorted by length, go ``batch_size`` per pass
+  at the bucket of each batch's longest (``score.bucket_length``; every row reads as many
+  positions as the fullest: one compiled shape per length), ``train.batch_outputs`` over the
+  batches of each length; then each sequence's values are read back from its row: the shared
+  positions, then its own part's."""
   real_NxL = rows["mask"].astype(bool)
   row_len = row_len or 2 * real_NxL.shape[1]
-  packed, groups = pack_shared_prompt(rows, row_len), {}
-  for row in packed:
-    groups.setdefault(score.bucket_length(len(row.ids), row_len), []).append(row)
+  packed, groups = sorted(pack_shared_prompt(rows, row_len), key=lambda r: len(r.ids)), {}
+  for start in range(0, len(packed), batch_size):
+    batch = packed[start:start + batch_size]
+    groups.setdefault(score.bucket_length(len(batch[-1].ids), row_len), []).extend(batch)
   n_reads, out = score.row_shape(packed, row_len)[1], {}
   for length, group in tqdm(sorted(groups.items()), desc=desc):
     arrays = score.row_arrays(group, length, n_reads, 0)

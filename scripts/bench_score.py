@@ -13,6 +13,12 @@ score the file once per layout, one after the other (the same load on a shared m
 are medians over rounds. Printed: lines/s, tokens/s (the lines' real tokens), the padding share
 and the rows per layout; the rewards of the two layouts are checked equal. The last line is one
 JSON object with ``speedup`` (shared_prompt lines/s over sequences).
+
+``--what=evaluate``: the same lines through ``rmjax.evaluate``'s forward instead (reward, final
+state, Q_t and prefix reward of every token): ``run_sequences`` (a row per line, padded to
+``--max_len``, as ``rmjax.evaluate --layout=sequences``) vs ``run_shared_prompt`` (rows of up to
+``2 * --max_len``), ``--batch_size`` rows per pass each; every output is checked equal (relative
+norm error). E.g. ``--what=evaluate --prompts=16 --layers=2 --max_len=1024``.
 """
 from __future__ import annotations
 
@@ -38,6 +44,8 @@ _LAYERS = flags.DEFINE_integer("layers", 4, "Decoder blocks (SmolLM2-135M has 30
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Rows per forward pass (score --batch_size).")
 _MAX_LEN = flags.DEFINE_integer("max_len", 2048, "score --max_len (the longest row).")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds.")
+_WHAT = flags.DEFINE_enum("what", "score", ["score", "evaluate"],
+                          "score: rmjax.score.score_file; evaluate: rmjax.evaluate's forward.")
 
 SOLUTIONS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
 
@@ -68,7 +76,8 @@ def best_of_n_lines() -> tuple[list[dict], str]:
   return lines, f"synthetic ({n} prompts x {k} responses)"
 
 
-def make_model():
+def make_state():
+  """``(config, graphdef, state, mesh)``: the bytes model on one device."""
   import jax
 
   from configs import gsm8k
@@ -77,20 +86,86 @@ def make_model():
   c.model.update(vocab_size=256, dim=576, num_layers=_LAYERS.value, num_heads=9, num_kv_heads=3,
                  head_dim=64, mlp_dim=1536, rope_theta=1e5)
   c.model.init_from = ""
+  c.data.max_len = _MAX_LEN.value
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   with sharding.use_mesh(mesh):
-    model, _ = train_state.merge(*train_state.create_state(c, mesh))
-  return model, mesh
+    graphdef, state = train_state.create_state(c, mesh)
+  return c, graphdef, state, mesh
+
+
+def bench_evaluate(lines, source):
+  """``--what=evaluate``: lines/s of ``rmjax.evaluate``'s forward in each layout."""
+  import jax
+
+  from rmjax import evaluate, score, sharding
+  from rmjax.data.tokenizer import ByteTokenizer
+  from tests.helpers import relative_errors
+  c, graphdef, state, mesh = make_state()
+  rows = evaluate.encode_solutions(lines, ByteTokenizer(), c)
+  real_NxL = rows["mask"].astype(bool)
+  forward = jax.jit(evaluate.make_forward(graphdef))
+  goal_D = np.random.default_rng(0).standard_normal(c.model.dim).astype(np.float32)
+  packed = evaluate.pack_shared_prompt(rows, 2 * c.data.max_len)
+  packed.sort(key=lambda r: len(r.ids))
+  b, row_len = _BATCH.value, 2 * c.data.max_len
+  held = {"sequences": (real_NxL.sum(), real_NxL.size),  # (tokens, token slots the model runs)
+          "shared_prompt": (sum(len(r.ids) for r in packed),
+                            sum(len(packed[i:i + b]) * score.bucket_length(
+                                len(packed[min(i + b, len(packed)) - 1].ids), row_len)
+                                for i in range(0, len(packed), b)))}
+  n_rows = {"sequences": len(lines), "shared_prompt": len(packed)}
+
+  def run(layout):
+    t0 = time.perf_counter()
+    with sharding.use_mesh(mesh):
+      out = evaluate.run_layout(layout, forward, state, rows, goal_D, batch_size=_BATCH.value,
+                                mesh=mesh, rules=sharding.DEFAULT_RULES, desc=layout)
+    return time.perf_counter() - t0, out
+
+  stats, outs = {}, {}
+  for layout in evaluate.LAYOUTS:  # compiles every shape
+    stats[layout] = {"rows": n_rows[layout], "padding_share": 1 - held[layout][0] / held[layout][1],
+                     "compile_s": run(layout)[0], "seconds": []}
+  for _ in range(_ROUNDS.value):
+    for layout in evaluate.LAYOUTS:
+      seconds, outs[layout] = run(layout)
+      stats[layout]["seconds"].append(seconds)
+  pick = lambda o: {"reward": o["reward"], "h_final": o["h_final"], "q": o["q"][real_NxL],
+                    "prefix_reward": o["prefix_reward"][real_NxL]}
+  rel = max(relative_errors(pick(outs["shared_prompt"]), pick(outs["sequences"])).values())
+  report(stats, len(lines), int(real_NxL.sum()), source, rel, "evaluate forward, outputs")
+
+
+def report(stats, n_lines, real, source, rel, what):
+  """Prints the table and, last, the JSON line."""
+  print(f"{what}: {source}; {n_lines} lines, {real} real tokens; {_LAYERS.value} SmolLM2-135M "
+        f"blocks, bytes; batch_size={_BATCH.value} max_len={_MAX_LEN.value}; {machine()}; "
+        f"{datetime.date.today()}")
+  for layout, s in stats.items():
+    sec = float(np.median(s["seconds"]))
+    s.update(lines_per_s=n_lines / sec, tokens_per_s=real / sec, median_s=sec)
+    print(f"{layout:>14}: {s['lines_per_s']:8.2f} lines/s {s['tokens_per_s']:9.0f} tokens/s  "
+          f"rows {s['rows']:4d}  padding {s['padding_share']:.0%}  (first run with compiles "
+          f"{s['compile_s']:.1f} s)")
+  speedup = stats["shared_prompt"]["lines_per_s"] / stats["sequences"]["lines_per_s"]
+  print(f"shared_prompt / sequences: {speedup:.2f}x lines/s; {what} agree to {rel:.1e} "
+        "(relative)")
+  print(json.dumps({"speedup": speedup, "rel_diff": rel, "what": _WHAT.value, "lines": n_lines,
+                    "source": source, **stats}))
 
 
 def main(argv):
   del argv
-  from rmjax import sharding
+  from rmjax import sharding, train_state
   from rmjax.data.tokenizer import ByteTokenizer
   from rmjax.score import LAYOUTS, bucket_length, pack_rows, prompt_key, score_file
   lines, source = best_of_n_lines()
+  if _WHAT.value == "evaluate":
+    return bench_evaluate(lines, source)
   tok, max_len = ByteTokenizer(), _MAX_LEN.value
-  model, mesh = make_model()
+  _, graphdef, state, mesh = make_state()
+  with sharding.use_mesh(mesh):
+    model, _ = train_state.merge(graphdef, state)
   tmp = tempfile.mkdtemp()
   src = os.path.join(tmp, "in.jsonl")
   with open(src, "w") as f:
@@ -122,20 +197,7 @@ def main(argv):
       stats[layout]["seconds"].append(seconds)
   scale = np.max(np.abs(rewards["sequences"]))
   rel = float(np.max(np.abs(rewards["shared_prompt"] - rewards["sequences"])) / scale)
-  print(f"{source}; {len(lines)} lines, {real} real tokens; {_LAYERS.value} SmolLM2-135M blocks, "
-        f"bytes; batch_size={_BATCH.value} max_len={max_len}; {machine()}; "
-        f"{datetime.date.today()}")
-  for layout, s in stats.items():
-    sec = float(np.median(s["seconds"]))
-    s.update(lines_per_s=len(lines) / sec, tokens_per_s=real / sec, median_s=sec)
-    print(f"{layout:>14}: {s['lines_per_s']:8.2f} lines/s {s['tokens_per_s']:9.0f} tokens/s  "
-          f"rows {s['rows']:4d}  padding {s['padding_share']:.0%}  (first run with compiles "
-          f"{s['compile_s']:.1f} s)")
-  speedup = stats["shared_prompt"]["lines_per_s"] / stats["sequences"]["lines_per_s"]
-  print(f"shared_prompt / sequences: {speedup:.2f}x lines/s; rewards agree to {rel:.1e} (relative)")
-  print(json.dumps({"speedup": speedup, "reward_rel_diff": rel, "lines": len(lines),
-                    "source": source, **{k: {kk: vv for kk, vv in v.items()}
-                                         for k, v in stats.items()}}))
+  report(stats, len(lines), real, source, rel, "score_file, rewards")
 
 
 if __name__ == "__main__":

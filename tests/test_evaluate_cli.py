@@ -44,12 +44,14 @@ def tiny_run(tmp_path_factory):
   return workdir
 
 
-def row_shapes(rows: dict, max_len: int) -> set[tuple[int, int]]:
-  """The (length, reads) ``run_shared_prompt`` runs ``rows`` at (rows of up to ``2 * max_len``;
-  every row reads as many positions as the fullest)."""
-  packed = evaluate.pack_shared_prompt(rows, 2 * max_len)
+def row_shapes(rows: dict, max_len: int, batch_size: int) -> set[tuple[int, int]]:
+  """The (length, reads) ``run_shared_prompt`` runs ``rows`` at: rows of up to ``2 * max_len``
+  sorted by length, each batch at its longest's bucket; every row reads as many positions as the
+  fullest."""
+  packed = sorted(evaluate.pack_shared_prompt(rows, 2 * max_len), key=lambda r: len(r.ids))
   n_reads = score.row_shape(packed, 2 * max_len)[1]
-  return {(score.bucket_length(len(row.ids), 2 * max_len), n_reads) for row in packed}
+  return {(score.bucket_length(len(packed[min(i + batch_size, len(packed)) - 1].ids),
+                               2 * max_len), n_reads) for i in range(0, len(packed), batch_size)}
 
 
 def test_evaluate_matches_train_eval_and_compiles_once_per_row_shape(tiny_run, tmp_path, caplog):
@@ -59,10 +61,11 @@ def test_evaluate_matches_train_eval_and_compiles_once_per_row_shape(tiny_run, t
   compiles = [r.getMessage() for r in caplog.records
               if "Compiling" in r.getMessage() and "forward" in r.getMessage()]
   goal_rows = evaluate.encode_pairs(sources.make_source(c, "train"), ByteTokenizer(), c, 24)
-  shapes = row_shapes({k: v[0::2] for k, v in goal_rows.items()}, c.data.max_len)
+  shapes = row_shapes({k: v[0::2] for k, v in goal_rows.items()}, c.data.max_len,
+                      c.train.batch_size)
   shapes |= row_shapes(evaluate.encode_pairs(sources.make_source(c, "validation"),
                                              ByteTokenizer(), c, c.data.eval_size),
-                       c.data.max_len)
+                       c.data.max_len, c.train.batch_size)
   # one compiled forward per row shape, shared by the goal and eval passes where they meet
   assert result["layout"] == "shared_prompt" and len(compiles) == len(shapes), compiles
   plain = evaluate.evaluate(c, tiny_run, str(tmp_path / "sequences"), goal_examples=24,
