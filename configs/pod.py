@@ -1,15 +1,19 @@
 """Random-weight reward models shaped like public LLMs, for sizing TPU pods (``rmjax.aot``).
 
-  python -m rmjax.aot --config=configs/pod.py:8b --topology=v5p-128 --config.train.batch_size=64
+  python -m rmjax.aot --config=configs/pod.py:8b --topology=v5p-128
   python -m rmjax.aot --config=configs/pod.py:70b,bt --topology=v5p-128 \
       --config.train.batch_size=64 --config.data.max_len=4096
 Variants (``:arg``, comma-separated): the shape, ``1b`` (Llama-3.2-1B, default), ``8b``
 (Llama-3.1-8B), ``32b`` (Qwen2.5-32B) or ``70b`` (Llama-3.1-70B); the objective, ``paper``
 (default), ``bt`` or ``infonce``; ``tiny`` for a 2-layer d-64 model that trains on a CPU.
 Sized for TPU pods: bf16 compute with fp32 master weights, ``remat=full``, ``scan_layers``,
-sequences of 2048 tokens, FSDP over every chip (``mesh.shape=(1,-1,1)``); set
-``train.batch_size`` to pairs per chip x chips (docs/scale.md has the measured rows). The data
-are the embedded synthetic pairs (byte tokens): shapes and memory, not a task.
+sequences of 2048 tokens, FSDP over every chip (``mesh.shape=(1,-1,1)``), 256 pairs: 4 per chip
+on v5p-128's 64 chips. ``train.batch_size`` is pairs per chip x chips. FSDP gathers every weight
+once per step, so 1 pair per chip is a small batch: on v5p-128 the 8b's estimated MFU is 59.3% at 1
+pair per chip and 70.3% at 4 (24 of 95 GiB). Where HBM is smaller, fewer: the 8b on v5e-256 was
+compiled at 1 pair per chip (5.8 of 16 GiB). docs/scale.md has the measured rows; ``rmjax.aot
+--search`` finds the largest per-chip batch that fits. The data are the embedded synthetic pairs
+(byte tokens): shapes and memory, not a task.
 """
 from ml_collections import ConfigDict
 
@@ -33,7 +37,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
                          num_kv_heads=kv, head_dim=hd, mlp_dim=mlp, rope_theta=theta,
                          qkv_bias=bias, dtype="bfloat16", remat="full", scan_layers=True)
   c.data.max_len = 2048
-  c.train.batch_size = 64
+  c.train.batch_size = 256
   c.mesh.shape = (1, -1, 1)
   if a.tiny:  # the same code path, small enough for this CPU (rmjax.main, a few seconds)
     c.model = common.model(vocab_size=256, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
