@@ -73,6 +73,24 @@ def test_packed_gives_the_pairs_loss_metrics_and_gradients(variant, padding, rem
   assert_tree_close(grads_k, grads_p, rtol=1e-4)  # float32 rounding, not a wrong row
 
 
+def test_packed_states_and_rewards_equal_the_pairs_ones():
+  """The dense outputs: rewards and every real token's state, in the per-sequence coordinates."""
+  config = tiny_config("paper")
+  pairs = pair_batch(8, max_len=config.data.max_len, padding_side="left")
+  with sharding.use_mesh(sharding.make_mesh((1, 1, 1), jax.devices()[:1])):
+    model, _ = train_state.merge(*train_state.create_state(config))
+    out_p, out_k = (objective.forward_pairs(model, b)
+                    for b in (pairs, packed_batch(pairs, "left", shards=2)))
+  real = pairs["mask"].astype(bool)
+  assert_tree_close((out_k.reward_chosen_B, out_k.reward_rejected_B),
+                    (out_p.reward_chosen_B, out_p.reward_rejected_B), rtol=1e-5)
+  assert_tree_close((np.asarray(out_k.h_chosen_BxLxD)[real[:, 0]],
+                     np.asarray(out_k.h_rejected_BxLxD)[real[:, 1]]),
+                    (np.asarray(out_p.h_chosen_BxLxD)[real[:, 0]],
+                     np.asarray(out_p.h_rejected_BxLxD)[real[:, 1]]), rtol=1e-5)
+
+
+@pytest.mark.slow  # ~30 s on 2 cores; the dense outputs are checked above
 def test_packed_gives_the_shared_prompt_loss_and_gradients_dense():
   """Without the sparse last block (every state computed and gathered back)."""
   config = tiny_config("paper")
@@ -154,6 +172,7 @@ def test_a_batch_that_does_not_split_into_groups_names_the_fields():
                   layout="packed", pack_shards=2, accum_steps=3)
 
 
+@pytest.mark.slow  # two train steps with accumulation compiled: ~60 s on 2 cores
 def test_packed_train_step_on_8_devices_gives_the_one_device_step():
   """The step with accumulation (2 micro-batches) on a packed batch sharded over 8 devices: the
   metrics and update of the pairs layout on one device; the gathers from rows to pairs stay on
