@@ -6,6 +6,7 @@ outputs and gradients under both layouts' masks equal XLA attention under
 trainer's step holds the Mosaic kernel, so 'splash' is not silently the XLA path.
 """
 import dataclasses
+import functools
 import importlib.util
 import logging
 
@@ -55,9 +56,8 @@ def test_splash_equals_xla_attention_values_and_gradients(interpret, layout, win
   ``l`` = 300 is padded to 384 = three 128-blocks, so blocks are skipped and partly masked.
   Pairs with a sliding window (the causal mask without one: the model test below)."""
   l, n, k, h = 300, 4, 2, 16
-  keys = jax.random.split(jax.random.key(0), 4)
-  q, kk, v = (jax.random.normal(key, (3, l, heads, h)) for key, heads in zip(keys, (n, k, k)))
-  cot = jax.random.normal(keys[3], (3, l, n, h))
+  rng = np.random.default_rng(0)
+  q, kk, v, cot = (rng.normal(size=(3, l, heads, h)).astype(np.float32) for heads in (n, k, k, n))
   seg, parts = row_masks(l)
   parts = parts if layout == "shared_prompt" else None
 
@@ -72,32 +72,34 @@ def test_splash_equals_xla_attention_values_and_gradients(interpret, layout, win
 
 
 def test_splash_model_equals_xla_model(interpret, mesh1):
-  """The backbone with 'splash' == with 'xla' (same weights) at the sparse last block's rows
-  (its blocks before the last scanned, splash's; the last block's rows XLA's in both): a pair's
-  two rows, and shared-prompt rows (splash's two calls merged)."""
+  """The backbone with 'splash' == with 'xla' (same weights) at the sparse last block's rows, on
+  shared-prompt rows: the blocks before the last scanned, splash's two calls merged; the last
+  block's rows XLA's in both. (Rows without parts take the same path with one call.)"""
   cfg = dataclasses.replace(CFG, num_layers=3, scan_layers=True)
   xla = Llama(cfg, rngs=nnx.Rngs(0))
   splash = Llama(dataclasses.replace(cfg, attention="splash"), rngs=nnx.Rngs(0))
-  b = pair_batch(2, max_len=48)
   seg, parts = row_masks(48)
-  run = nnx.jit(lambda model, tokens, mask, part, rows: model(tokens, mask, rows, parts_BxL=part))
-  for tokens, mask, part in ((b["tokens"][:, 0], b["mask"][:, 0], None),
-                             (jnp.ones((3, 48), jnp.int32), seg, parts)):
-    rows = jnp.asarray([[3, 17, 30, 40, 47]] * tokens.shape[0])
-    assert_tree_close(run(splash, tokens, mask, part, rows), run(xla, tokens, mask, part, rows),
-                      rtol=1e-5)
+  tokens = jnp.asarray(pair_batch(3, max_len=48)["tokens"][:, 0])
+  rows = jnp.asarray([[3, 17, 30, 40, 47]] * 3)
+  run = nnx.jit(lambda model: model(tokens, seg, rows, parts_BxL=parts))
+  assert_tree_close(run(splash), run(xla), rtol=1e-5)
 
 
 def test_splash_with_parts_and_a_window_runs_xla_and_says_so(caplog):
   """Shared-prompt rows with a sliding window: XLA attention (no TPU needed), one log line."""
-  cfg = dataclasses.replace(CFG, sliding_window=8, attention="splash")
   seg, parts = row_masks(48)
-  _, mask_BxLxL = positions_and_mask(seg, 8, parts)
-  q, k = jax.random.normal(jax.random.key(0), (3, 48, 4, 8)), jnp.ones((3, 48, 2, 8))
+  q = np.random.default_rng(0).normal(size=(3, 48, 4, 8)).astype(np.float32)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(cfg, q):
+    _, mask_BxLxL = positions_and_mask(seg, 8, parts)
+    mask = attention.layer_masks(cfg, (mask_BxLxL,), seg, parts)[0]
+    return attention.attend(cfg, q, q[:, :, :2], q[:, :, 2:], mask)
+
   with caplog.at_level(logging.WARNING, logger=attention.__name__):
-    got = attention.attend(cfg, q, k, k, attention.SegmentMask(mask_BxLxL, seg, parts))
+    got = run(dataclasses.replace(CFG, sliding_window=8, attention="splash"), q)
   assert "model.sliding_window run on XLA attention" in caplog.text
-  np.testing.assert_array_equal(got, attention.attend(CFG, q, k, k, mask_BxLxL))
+  np.testing.assert_array_equal(got, run(dataclasses.replace(CFG, sliding_window=8), q))
 
 
 def test_splash_is_refused_where_it_cannot_run():
