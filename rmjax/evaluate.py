@@ -100,14 +100,14 @@ def pack_shared_prompt(rows: dict, row_len: int) -> list[score.Row]:
 def run_shared_prompt(forward, state, rows: dict, goal_D, *, batch_size: int, mesh, rules,
                       desc: str, row_len: int = 0) -> dict:
   """``run_sequences``' outputs (padding: ``q`` NaN, ``prefix_reward`` 0) from packed rows
-  (``pack_shared_prompt``) of at most ``row_len`` tokens (0: ``L``, the rows of ``run_sequences``:
-  the dense attention of longer rows costs more on CPU than the prompt saves). The rows, sorted by length, go ``batch_size`` per pass
+  (``pack_shared_prompt``) of at most ``row_len`` tokens (0: ``2 * L``, as training's
+  shared-prompt rows: a pair always fits). The rows, sorted by length, go ``batch_size`` per pass
   at the bucket of each batch's longest (``score.bucket_length``; every row reads as many
   positions as the fullest: one compiled shape per length), ``train.batch_outputs`` over the
   batches of each length; then each sequence's values are read back from its row: the shared
   positions, then its own part's."""
   real_NxL = rows["mask"].astype(bool)
-  row_len = row_len or real_NxL.shape[1]
+  row_len = row_len or 2 * real_NxL.shape[1]
   packed, groups = sorted(pack_shared_prompt(rows, row_len), key=lambda r: len(r.ids)), {}
   for start in range(0, len(packed), batch_size):
     batch = packed[start:start + batch_size]
@@ -206,9 +206,9 @@ def evaluate(config, checkpoint: str, out_dir: str | None = None, *, goal_exampl
     step, step_dir, graphdef, state = restore_state(config, mesh, checkpoint)
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     forward = jax.jit(make_forward(graphdef), in_shardings=(state_sharding, None, None))
-    run = lambda rows, goal_D, desc: run_layout(
+    run = lambda rows, goal_D, desc: run_layout(  # the same token slots per pass
         layout, forward, state, rows, goal_D, mesh=mesh,
-        batch_size=2 * config.train.batch_size,
+        batch_size=(1 if layout == "shared_prompt" else 2) * config.train.batch_size,
         rules=rules, desc=desc)
     d = model_config(config).dim  # the checkpoint's with model.init_from
 

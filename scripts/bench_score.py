@@ -17,7 +17,7 @@ JSON object with ``speedup`` (shared_prompt lines/s over sequences).
 ``--what=evaluate``: the same lines through ``rmjax.evaluate``'s forward instead (reward, final
 state, Q_t and prefix reward of every token): ``run_sequences`` (a row per line, padded to
 ``--max_len``, as ``rmjax.evaluate --layout=sequences``) vs ``run_shared_prompt`` (rows of up to
-``--row_len``, default ``--max_len``), ``--batch_size`` rows per pass each; every output is
+``--row_len``, default ``2 * --max_len``), ``--batch_size`` rows per pass each; every output is
 checked equal (relative norm error). E.g. ``--what=evaluate --prompts=16 --layers=2 --max_len=1024``.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ _BATCH = flags.DEFINE_integer("batch_size", 8, "Rows per forward pass (score --b
 _MAX_LEN = flags.DEFINE_integer("max_len", 2048, "score --max_len (the longest row).")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds.")
 _ROW_LEN = flags.DEFINE_integer("row_len", 0, "--what=evaluate: run_shared_prompt's row_len "
-                                "(0: --max_len).")
+                                "(0: 2 * --max_len).")
 _WHAT = flags.DEFINE_enum("what", "score", ["score", "evaluate"],
                           "score: rmjax.score.score_file; evaluate: rmjax.evaluate's forward.")
 
@@ -107,7 +107,7 @@ def bench_evaluate(lines, source):
   real_NxL = rows["mask"].astype(bool)
   forward = jax.jit(evaluate.make_forward(graphdef))
   goal_D = np.random.default_rng(0).standard_normal(c.model.dim).astype(np.float32)
-  b, row_len = _BATCH.value, _ROW_LEN.value or c.data.max_len
+  b, row_len = _BATCH.value, _ROW_LEN.value or 2 * c.data.max_len
   packed = sorted(evaluate.pack_shared_prompt(rows, row_len), key=lambda r: len(r.ids))
   held = {"sequences": (real_NxL.sum(), real_NxL.size),  # (tokens, token slots the model runs)
           "shared_prompt": (sum(len(r.ids) for r in packed),
@@ -142,7 +142,7 @@ def report(stats, n_lines, real, source, rel, what):
   """Prints the table and, last, the JSON line."""
   print(f"{what}: {source}; {n_lines} lines, {real} real tokens; {_LAYERS.value} SmolLM2-135M "
         f"blocks, bytes; batch_size={_BATCH.value} max_len={_MAX_LEN.value} "
-        f"row_len={_ROW_LEN.value or _MAX_LEN.value}; {machine()}; "
+        f"row_len={_ROW_LEN.value or 2 * _MAX_LEN.value}; {machine()}; "
         f"{datetime.date.today()}")
   for layout, s in stats.items():
     sec = float(np.median(s["seconds"]))

@@ -44,13 +44,13 @@ def tiny_run(tmp_path_factory):
   return workdir
 
 
-def row_shapes(rows: dict, max_len: int, batch_size: int) -> set[tuple[int, int]]:
-  """The (length, reads) ``run_shared_prompt`` runs ``rows`` at: rows of up to ``max_len`` sorted
+def row_shapes(rows: dict, row_len: int, batch_size: int) -> set[tuple[int, int]]:
+  """The (length, reads) ``run_shared_prompt`` runs ``rows`` at: rows of up to ``row_len`` sorted
   by length, each batch at its longest's bucket; every row reads as many positions as the
   fullest."""
-  packed = sorted(evaluate.pack_shared_prompt(rows, max_len), key=lambda r: len(r.ids))
-  n_reads = score.row_shape(packed, max_len)[1]
-  return {(score.bucket_length(len(packed[min(i + batch_size, len(packed)) - 1].ids), max_len),
+  packed = sorted(evaluate.pack_shared_prompt(rows, row_len), key=lambda r: len(r.ids))
+  n_reads = score.row_shape(packed, row_len)[1]
+  return {(score.bucket_length(len(packed[min(i + batch_size, len(packed)) - 1].ids), row_len),
            n_reads) for i in range(0, len(packed), batch_size)}
 
 
@@ -61,11 +61,11 @@ def test_evaluate_matches_train_eval_and_compiles_once_per_row_shape(tiny_run, t
   compiles = [r.getMessage() for r in caplog.records
               if "Compiling" in r.getMessage() and "forward" in r.getMessage()]
   goal_rows = evaluate.encode_pairs(sources.make_source(c, "train"), ByteTokenizer(), c, 24)
-  shapes = row_shapes({k: v[0::2] for k, v in goal_rows.items()}, c.data.max_len,
-                      2 * c.train.batch_size)
+  shapes = row_shapes({k: v[0::2] for k, v in goal_rows.items()}, 2 * c.data.max_len,
+                      c.train.batch_size)
   shapes |= row_shapes(evaluate.encode_pairs(sources.make_source(c, "validation"),
                                              ByteTokenizer(), c, c.data.eval_size),
-                       c.data.max_len, 2 * c.train.batch_size)
+                       2 * c.data.max_len, c.train.batch_size)
   # one compiled forward per row shape, shared by the goal and eval passes where they meet
   assert result["layout"] == "shared_prompt" and len(compiles) == len(shapes), compiles
   plain = evaluate.evaluate(c, tiny_run, str(tmp_path / "sequences"), goal_examples=24,
@@ -202,8 +202,8 @@ def test_voting_on_scored_solutions_matches_naive_voting_on_the_models_q(tiny_ru
 def test_shared_prompt_rows_give_every_sequence_its_outputs_alone(tiny_run):
   """Three solutions per problem (voting's input), some with prompts cut to ``max_len`` from the
   left, under right and left padding: rewards, final states, Q_t and prefix rewards of rows that
-  hold each prompt once (``run_shared_prompt``, rows of ``2 * max_len``: the three fit) equal
-  those of a row per sequence (``run_sequences``), and so does the voting curve."""
+  hold each prompt once (``run_shared_prompt``) equal those of a row per sequence
+  (``run_sequences``), and so does the voting curve."""
   c = run_config()
   solutions = [{"problem_id": ex["problem_id"], "prompt": pre + ex["prompt"], "response": text,
                 "answer": text.split()[-1], "is_correct": text == ex["chosen"]}
@@ -224,8 +224,7 @@ def test_shared_prompt_rows_give_every_sequence_its_outputs_alone(tiny_run):
       packed = evaluate.pack_shared_prompt(rows, 2 * c.data.max_len)
       assert len(packed) < len(solutions) and max(len(r.reads) for r in packed) == 3
       want = evaluate.run_layout("sequences", forward, state, rows, goal_D, **kw)
-      got = evaluate.run_layout("shared_prompt", forward, state, rows, goal_D,
-                                row_len=2 * c.data.max_len, **kw)
+      got = evaluate.run_layout("shared_prompt", forward, state, rows, goal_D, **kw)
       assert np.isnan(got["q"][~real_NxL]).all()
       assert_tree_close({k: got[k] for k in ("reward", "h_final")},
                         {k: want[k] for k in ("reward", "h_final")}, rtol=1e-5)
