@@ -18,7 +18,8 @@ JSON object with ``speedup`` (shared_prompt lines/s over sequences).
 state, Q_t and prefix reward of every token): ``run_sequences`` (a row per line, padded to
 ``--max_len``, as ``rmjax.evaluate --layout=sequences``) vs ``run_shared_prompt`` (rows of up to
 ``--row_len``, default ``2 * --max_len``), ``--batch_size`` rows per pass each; every output is
-checked equal (relative norm error). E.g. ``--what=evaluate --prompts=16 --layers=2 --max_len=1024``.
+checked equal (relative norm error). E.g.
+``--what=evaluate --prompts=16 --layers=2 --max_len=1024 --rounds=1`` (docs/evaluation.md).
 """
 from __future__ import annotations
 

@@ -231,7 +231,8 @@ def test_shared_prompt_rows_give_every_sequence_its_outputs_alone(tiny_run):
       assert_tree_close({k: got[k][real_NxL] for k in ("q", "prefix_reward")},
                         {k: want[k][real_NxL] for k in ("q", "prefix_reward")}, rtol=1e-5)
       q_sorted = np.sort(want["q"][rows["response"].astype(bool)])  # thresholds in wide gaps:
-      ks = [i + np.argmax(np.diff(q_sorted)[i:i + 20]) for i in np.arange(1, 4) * len(q_sorted) // 4]
+      starts = np.arange(1, 4) * len(q_sorted) // 4
+      ks = [i + np.argmax(np.diff(q_sorted)[i:i + 20]) for i in starts]
       thresholds = [-np.inf, *((q_sorted[ks] + q_sorted[np.add(ks, 1)]) / 2)]  # no rounding tie
       curves = [voting.voting_curve(evaluate.voting_inputs(solutions, rows, res), thresholds,
                                     min_tokens=5)
