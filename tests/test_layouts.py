@@ -1,4 +1,5 @@
-"""data.layout='shared_prompt' (one row per pair, the common prefix once) against 'pairs'."""
+"""data.layout='shared_prompt' (one row per pair, the common prefix once) against 'pairs';
+the packed layout's own tests are in tests/test_packing.py."""
 import dataclasses
 
 import jax
@@ -7,6 +8,7 @@ import pytest
 from flax import nnx
 
 from rmjax import objective, sharding, train, train_state
+from rmjax.data import packing
 from rmjax.data.pipeline import BucketTrim, share_prompt, train_dataset
 from rmjax.data.synthetic import SyntheticMath
 from rmjax.data.tokenizer import ByteTokenizer
@@ -21,6 +23,15 @@ def shared_batch(batch: dict, padding_side: str) -> dict:
   rows = [share_prompt({k: v[i] for k, v in batch.items()}, pad_id=0) for i in range(n)]
   stacked = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
   return BucketTrim((), max_len, padding_side)(stacked)
+
+
+def packed_batch(batch: dict, padding_side: str, shards: int = 1, accum_steps: int = 1) -> dict:
+  """``batch`` (pairs) plus its packed rows, as the pipeline builds them; rows of ``4 *
+  max_len`` tokens, so that they hold several of the synthetic pairs (each ~``max_len``)."""
+  max_len = batch["tokens"].shape[-1]
+  return packing.pack(shared_batch(batch, padding_side), pad_id=0, pack_len=4 * max_len,
+                      row_lengths=[*BucketTrim((), max_len, padding_side).shared_buckets,
+                                   4 * max_len], shards=shards, accum_steps=accum_steps)
 
 
 def test_shared_row_attends_like_two_separate_sequences():
@@ -66,19 +77,21 @@ def objective_and_grads(config, batch, terms):
 @pytest.mark.parametrize("variant, padding, remat, sparse", [
     ("paper", "left", "full", True), ("infonce", "right", "none", True),
     ("bt", "right", "none", True), ("paper", "right", "none", False)])
-def test_shared_prompt_gives_the_pairs_loss_metrics_and_gradients(variant, padding, remat, sparse):
+def test_shared_and_packed_give_the_pairs_loss_metrics_and_gradients(variant, padding, remat,
+                                                                     sparse):
   config = tiny_config(variant)
   config.model.remat = remat
   terms = objective.build_terms(config.loss)
   terms = dataclasses.replace(terms, sparse=sparse and terms.sparse)
   pairs = pair_batch(8, max_len=config.data.max_len, padding_side=padding)
   (loss_p, metrics_p), grads_p = objective_and_grads(config, pairs, terms)
-  (loss_s, metrics_s), grads_s = objective_and_grads(config, shared_batch(pairs, padding), terms)
-  np.testing.assert_allclose(loss_s, loss_p, rtol=1e-5)
-  assert set(metrics_s) == set(metrics_p)
-  for k in metrics_p:  # atol: reward_margin is a small difference of rewards (cancellation)
-    np.testing.assert_allclose(metrics_s[k], metrics_p[k], rtol=1e-5, atol=1e-6, err_msg=k)
-  assert_tree_close(grads_s, grads_p, rtol=1e-4)  # float32 rounding, not a wrong row
+  for layout in (shared_batch(pairs, padding), packed_batch(pairs, padding, shards=2)):
+    (loss, metrics), grads = objective_and_grads(config, layout, terms)
+    np.testing.assert_allclose(loss, loss_p, rtol=1e-5)
+    assert set(metrics) == set(metrics_p)
+    for k in metrics_p:  # atol: reward_margin is a small difference of rewards (cancellation)
+      np.testing.assert_allclose(metrics[k], metrics_p[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert_tree_close(grads, grads_p, rtol=1e-4)  # float32 rounding, not a wrong row
 
 
 def test_shared_prompt_states_and_rewards_equal_the_pairs_ones():

@@ -8,21 +8,12 @@ from flax import nnx
 
 from rmjax import objective, sharding, train, train_state
 from rmjax.data import packing
-from rmjax.data.pipeline import BucketTrim, train_dataset
+from rmjax.data.pipeline import train_dataset
 from rmjax.data.synthetic import SyntheticMath
 from rmjax.data.tokenizer import ByteTokenizer
 from rmjax.models.llama import positions_and_mask
 from tests.helpers import assert_tree_close, pair_batch, tiny_config
-from tests.test_layouts import objective_and_grads, shared_batch
-
-
-def packed_batch(batch: dict, padding_side: str, shards: int = 1, accum_steps: int = 1) -> dict:
-  """``batch`` (pairs) plus its packed rows, as the pipeline builds them; rows of ``4 *
-  max_len`` tokens, so that they hold several of the synthetic pairs (each ~``max_len``)."""
-  max_len = batch["tokens"].shape[-1]
-  return packing.pack(shared_batch(batch, padding_side), pad_id=0, pack_len=4 * max_len,
-                      row_lengths=[*BucketTrim((), max_len, padding_side).shared_buckets,
-                                   4 * max_len], shards=shards, accum_steps=accum_steps)
+from tests.test_layouts import objective_and_grads, packed_batch, shared_batch
 
 
 def test_packed_rows_attend_like_separate_sequences():
@@ -54,23 +45,7 @@ def test_packed_rows_attend_like_separate_sequences():
   assert real_rows.sum() == shared_batch(batch, "left")["shared_mask"].sum()  # nothing twice
 
 
-@pytest.mark.parametrize("variant, padding, remat, sparse", [
-    ("paper", "left", "full", True), ("infonce", "right", "none", True),
-    ("bt", "right", "none", True)])
-def test_packed_gives_the_pairs_loss_metrics_and_gradients(variant, padding, remat, sparse):
-  config = tiny_config(variant)
-  config.model.remat = remat
-  terms = objective.build_terms(config.loss)
-  terms = dataclasses.replace(terms, sparse=sparse and terms.sparse)
-  pairs = pair_batch(8, max_len=config.data.max_len, padding_side=padding)
-  (loss_p, metrics_p), grads_p = objective_and_grads(config, pairs, terms)
-  (loss_k, metrics_k), grads_k = objective_and_grads(
-      config, packed_batch(pairs, padding, shards=2), terms)
-  np.testing.assert_allclose(loss_k, loss_p, rtol=1e-5)
-  assert set(metrics_k) == set(metrics_p)
-  for k in metrics_p:  # atol: reward_margin is a small difference of rewards (cancellation)
-    np.testing.assert_allclose(metrics_k[k], metrics_p[k], rtol=1e-5, atol=1e-6, err_msg=k)
-  assert_tree_close(grads_k, grads_p, rtol=1e-4)  # float32 rounding, not a wrong row
+# loss, metrics and gradients against 'pairs': tests/test_layouts.py (with shared_prompt)
 
 
 def test_packed_states_and_rewards_equal_the_pairs_ones():
