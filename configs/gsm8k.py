@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   # 'shared_prompt': a row per pair, the common prefix once; 'pairs': a row per sequence;
   # 'packed': several pairs' shared-prompt rows in rows of pack_len tokens, kept apart by segment
   # ids. Same loss and gradients; shared_prompt and packed run fewer tokens (docs/data.md,
-  # docs/performance.md: packed is the fastest on HH-RLHF and GSM8K)
+  # docs/performance.md: packed is the fastest on HH-RLHF, within noise of it on GSM8K)
   c.data.layout = "packed"
   c.data.pack_len = 0  # 'packed' only: tokens a packed row holds; 0 = 2 * max_len
   c.data.sort_window = 16  # batches sorted by length together (1 = no sorting)

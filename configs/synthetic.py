@@ -31,7 +31,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.data.convention = ""  # 'rmjax' (EOS appended), 'hf'; '': hf iff init_from is a classifier
   c.data.buckets = ()  # batch lengths (one compiled step each); () = max_len only
   # 'pairs': a row per sequence (one compiled shape: the tiny runs' compile time dominates);
-  # 'shared_prompt': a row per pair, the common prefix once; same loss (docs/data.md)
+  # 'shared_prompt': a row per pair, the common prefix once; 'packed': several such pairs per
+  # row (data.pack_len); same loss (docs/data.md)
   c.data.layout = "pairs"
   c.data.sort_window = 1  # batches sorted by length together (1 = no sorting)
   c.data.num_threads = 0  # threads reading + tokenising ahead of the train step (0 = none)
