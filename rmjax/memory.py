@@ -322,9 +322,9 @@ def abstract_batch(config, mesh: jax.sharding.Mesh) -> dict:
     batch.update({k: spec((b, 2 * l), np.int32) for k in SHARED_FIELDS})
     batch["shared_index"] = spec((b, 2, l), np.int32)
   if config.data.get("layout", "pairs") == "packed":  # a group per batch shard and micro-batch
-    shards = b // sharding.batch_sharding(mesh, 1, rules).shard_shape((b,))[0]
+    groups = sharding.batch_shards(mesh, rules) * config.train.accum_steps
     batch.update({k: spec(shape, np.int32) for k, shape in packing.largest_shapes(
-        b, shards * config.train.accum_steps, l, config.data.get("pack_len", 0)).items()})
+        b, groups, l, config.data.get("pack_len", 0)).items()})
   return batch
 
 

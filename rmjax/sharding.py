@@ -185,6 +185,11 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, rules=DEFAULT_RULES) -> N
   return NamedSharding(mesh, logical_spec(("batch",) + (None,) * (ndim - 1), rules))
 
 
+def batch_shards(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> int:
+  """How many pieces ``batch_sharding`` cuts the batch into (the data-parallel axes' sizes)."""
+  return mesh.size // batch_sharding(mesh, 1, rules).shard_shape((mesh.size,))[0]
+
+
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   """Whole on every device: what every process can read back (``jax.device_get``)."""
   return NamedSharding(mesh, P())

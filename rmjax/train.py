@@ -248,7 +248,7 @@ def train(config, workdir: str) -> dict[str, float]:
   os.makedirs(workdir, exist_ok=True)
   rules = tuple(tuple(r) for r in config.mesh.rules)
   mesh = sharding.make_mesh(tuple(config.mesh.shape), dcn_shape=config.mesh.get("dcn_shape"))
-  shards = mesh.size // sharding.batch_sharding(mesh, 1, rules).shard_shape((mesh.size,))[0]
+  shards = sharding.batch_shards(mesh, rules)
   if config.train.batch_size % shards:
     raise ValueError(f"train.batch_size={config.train.batch_size} does not split over the "
                      f"{shards} batch shards of mesh.shape={tuple(mesh.devices.shape)}")
