@@ -94,21 +94,22 @@ def test_shared_and_packed_give_the_pairs_loss_metrics_and_gradients(variant, pa
     assert_tree_close(grads, grads_p, rtol=1e-4)  # float32 rounding, not a wrong row
 
 
-def test_shared_prompt_states_and_rewards_equal_the_pairs_ones():
+def test_shared_and_packed_states_and_rewards_equal_the_pairs_ones():
   """The dense outputs: rewards and every real token's state, in the per-sequence coordinates."""
   config = tiny_config("paper")
   pairs = pair_batch(8, max_len=config.data.max_len, padding_side="left")
-  shared = shared_batch(pairs, "left")
   with sharding.use_mesh(sharding.make_mesh((1, 1, 1), jax.devices()[:1])):
     model, _ = train_state.merge(*train_state.create_state(config))
-    out_p, out_s = (objective.forward_pairs(model, b) for b in (pairs, shared))
+    out_p, *outs = (objective.forward_pairs(model, b) for b in (
+        pairs, shared_batch(pairs, "left"), packed_batch(pairs, "left", shards=2)))
   real = pairs["mask"].astype(bool)
-  assert_tree_close((out_s.reward_chosen_B, out_s.reward_rejected_B),
-                    (out_p.reward_chosen_B, out_p.reward_rejected_B), rtol=1e-5)
-  assert_tree_close((np.asarray(out_s.h_chosen_BxLxD)[real[:, 0]],
-                     np.asarray(out_s.h_rejected_BxLxD)[real[:, 1]]),
-                    (np.asarray(out_p.h_chosen_BxLxD)[real[:, 0]],
-                     np.asarray(out_p.h_rejected_BxLxD)[real[:, 1]]), rtol=1e-5)
+  for out in outs:
+    assert_tree_close((out.reward_chosen_B, out.reward_rejected_B),
+                      (out_p.reward_chosen_B, out_p.reward_rejected_B), rtol=1e-5)
+    assert_tree_close((np.asarray(out.h_chosen_BxLxD)[real[:, 0]],
+                       np.asarray(out.h_rejected_BxLxD)[real[:, 1]]),
+                      (np.asarray(out_p.h_chosen_BxLxD)[real[:, 0]],
+                       np.asarray(out_p.h_rejected_BxLxD)[real[:, 1]]), rtol=1e-5)
 
 
 def test_train_step_with_accumulation_on_8_devices_is_the_same():

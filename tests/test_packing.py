@@ -45,27 +45,11 @@ def test_packed_rows_attend_like_separate_sequences():
   assert real_rows.sum() == shared_batch(batch, "left")["shared_mask"].sum()  # nothing twice
 
 
-# loss, metrics and gradients against 'pairs': tests/test_layouts.py (with shared_prompt)
+# loss, metrics, gradients and dense outputs against 'pairs': tests/test_layouts.py (with
+# shared_prompt)
 
 
-def test_packed_states_and_rewards_equal_the_pairs_ones():
-  """The dense outputs: rewards and every real token's state, in the per-sequence coordinates."""
-  config = tiny_config("paper")
-  pairs = pair_batch(8, max_len=config.data.max_len, padding_side="left")
-  with sharding.use_mesh(sharding.make_mesh((1, 1, 1), jax.devices()[:1])):
-    model, _ = train_state.merge(*train_state.create_state(config))
-    out_p, out_k = (objective.forward_pairs(model, b)
-                    for b in (pairs, packed_batch(pairs, "left", shards=2)))
-  real = pairs["mask"].astype(bool)
-  assert_tree_close((out_k.reward_chosen_B, out_k.reward_rejected_B),
-                    (out_p.reward_chosen_B, out_p.reward_rejected_B), rtol=1e-5)
-  assert_tree_close((np.asarray(out_k.h_chosen_BxLxD)[real[:, 0]],
-                     np.asarray(out_k.h_rejected_BxLxD)[real[:, 1]]),
-                    (np.asarray(out_p.h_chosen_BxLxD)[real[:, 0]],
-                     np.asarray(out_p.h_rejected_BxLxD)[real[:, 1]]), rtol=1e-5)
-
-
-@pytest.mark.slow  # ~30 s on 2 cores; the dense outputs are checked above
+@pytest.mark.slow  # ~30 s on 2 cores; the dense outputs: tests/test_layouts.py
 def test_packed_gives_the_shared_prompt_loss_and_gradients_dense():
   """Without the sparse last block (every state computed and gathered back)."""
   config = tiny_config("paper")
