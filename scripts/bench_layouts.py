@@ -1,6 +1,7 @@
 """Training throughput by data layout on real data: ``pairs``, ``shared_prompt``, ``packed``.
 
   python scripts/bench_layouts.py                    # HH-RLHF and GSM8K, BT and paper, 4 layers
+  python scripts/bench_layouts.py --trainable_top_layers=0   # the head only: a forward-bound step
   python scripts/bench_layouts.py --datasets=gsm8k_solutions --losses=bt --batches=2 --rounds=2
   python scripts/bench_layouts.py --layers=30        # the whole SmolLM2-135M depth (slow on CPU)
   python scripts/bench_layouts.py --pack_len=hh_rlhf=768  # data.pack_len per dataset
@@ -15,7 +16,9 @@ length of the rows each runs (``shared_prompt`` and ``packed`` in the same batch
 one group, ``data.pack_len`` from ``--pack_len``, default ``2 * max_len``). Each contestant (dataset x
 loss x layout) is the trainer's jitted step (``train.jit_train_step``: AdamW, clipping, the sparse
 last block) on a SmolLM2-135M-shaped model with random weights and ``--layers`` of its 30 blocks,
-compiled for every batch shape before timing. Then ``--rounds`` rounds each run every
+training what ``--trainable_top_layers`` says (default: everything, as ``configs/gsm8k.py`` and
+``configs/hh_rlhf.py`` do; ``configs/gsm8k_smollm2.py`` trains the top 2 of 30 blocks, a step
+dominated by the forward pass, which ``0``, the head only, approximates), compiled for every batch shape before timing. Then ``--rounds`` rounds each run every
 contestant's batches once, one contestant after the other, so that all see the same load on a
 shared machine; the figures are medians over rounds, speedups medians of per-round ratios.
 
@@ -55,8 +58,11 @@ _MAX_LEN = flags.DEFINE_list("max_len", ["hh_rlhf=512", "gsm8k_solutions=320"],
                              "data.max_len per dataset (buckets above it are dropped).")
 _PACK_LEN = flags.DEFINE_list("pack_len", [], "data.pack_len per dataset (default 2 * max_len).")
 _LAYERS = flags.DEFINE_integer("layers", 4, "Decoder blocks (SmolLM2-135M has 30).")
-_PAIRS = flags.DEFINE_integer("pairs", 8, "B: pairs per batch.")
-_BATCHES = flags.DEFINE_integer("batches", 8, "Batches per contestant and round (a sort window).")
+_TOP = flags.DEFINE_integer("trainable_top_layers", -1, "train.trainable_top_layers: -1 trains "
+                            "everything (the recipes' default), k the head and the top k blocks.")
+_PAIRS = flags.DEFINE_integer("pairs", 16, "B: pairs per batch (the recipes' train.batch_size).")
+_BATCHES = flags.DEFINE_integer("batches", 16, "Batches per contestant and round: one sort window "
+                                "(configs/gsm8k.py's data.sort_window).")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds.")
 
 
@@ -70,7 +76,7 @@ def make_config(dataset: str, loss: str, layout: str):
   c.model.update(vocab_size=49152, dim=576, num_layers=_LAYERS.value, num_heads=9,
                  num_kv_heads=3, head_dim=64, mlp_dim=1536, rope_theta=1e5)
   c.model.init_from = ""
-  c.train.batch_size, c.train.trainable_top_layers = _PAIRS.value, 0
+  c.train.batch_size, c.train.trainable_top_layers = _PAIRS.value, _TOP.value
   c.mesh.shape = (1, 1, 1)
   return c
 
@@ -149,7 +155,8 @@ def main(argv):
   import jax
   results, rows = {}, []
   print(f"# {datetime.date.today()}, {machine()}, jax {jax.__version__}; SmolLM2-135M shape, "
-        f"{_LAYERS.value} layers, random weights, fp32, B={_PAIRS.value}, "
+        f"{_LAYERS.value} layers, random weights, fp32, trainable_top_layers={_TOP.value}, "
+        f"B={_PAIRS.value}, "
         f"{_BATCHES.value} batches x {_ROUNDS.value} rounds")
   for dataset in _DATASETS.value:
     short, path = DATASETS[dataset]
