@@ -11,8 +11,11 @@ sequences of 2048 tokens, FSDP over every chip (``mesh.shape=(1,-1,1)``), 256 pa
 on v5p-128's 64 chips. ``train.batch_size`` is pairs per chip x chips. FSDP gathers every weight
 once per step, so 1 pair per chip is a small batch: on v5p-128 the 8b's estimated MFU is 59.3% at 1
 pair per chip and 70.3% at 4 (24 of 95 GiB). Where HBM is smaller, fewer: the 8b on v5e-256 was
-compiled at 1 pair per chip (5.8 of 16 GiB). docs/scale.md has the measured rows; ``rmjax.aot
---search`` finds the largest per-chip batch that fits. The data are the embedded synthetic pairs
+compiled at 1 pair per chip (5.8 of 16 GiB). On TPUs ``--config.model.attention=splash`` (the
+defaults stay ``xla``, which every backend runs, so that the published commands reproduce) keeps no
+L x L logits: the 8b then fits ``remat=dots_saveable`` at 4 pairs per chip (51 of 95 GiB, 92.1%).
+docs/scale.md has the measured rows; ``rmjax.aot --search`` finds the largest per-chip batch that
+fits. The data are the embedded synthetic pairs
 (byte tokens): shapes and memory, not a task.
 """
 from ml_collections import ConfigDict
