@@ -15,8 +15,7 @@ compiled at 1 pair per chip (5.8 of 16 GiB). On TPUs ``--config.model.attention=
 defaults stay ``xla``, which every backend runs, so that the published commands reproduce) keeps no
 L x L logits: the 8b then fits ``remat=dots_saveable`` at 4 pairs per chip (51 of 95 GiB, 92.1%).
 docs/scale.md has the measured rows; ``rmjax.aot --search`` finds the largest per-chip batch that
-fits. The data are the embedded synthetic pairs
-(byte tokens): shapes and memory, not a task.
+fits. The data are the embedded synthetic pairs (byte tokens): shapes and memory, not a task.
 """
 from ml_collections import ConfigDict
 

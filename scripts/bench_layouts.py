@@ -18,9 +18,10 @@ loss x layout) is the trainer's jitted step (``train.jit_train_step``: AdamW, cl
 last block) on a SmolLM2-135M-shaped model with random weights and ``--layers`` of its 30 blocks,
 training what ``--trainable_top_layers`` says (default: everything, as ``configs/gsm8k.py`` and
 ``configs/hh_rlhf.py`` do; ``configs/gsm8k_smollm2.py`` trains the top 2 of 30 blocks, a step
-dominated by the forward pass, which ``0``, the head only, approximates), compiled for every batch shape before timing. Then ``--rounds`` rounds each run every
-contestant's batches once, one contestant after the other, so that all see the same load on a
-shared machine; the figures are medians over rounds, speedups medians of per-round ratios.
+dominated by the forward pass, which ``0``, the head only, approximates), compiled for every
+batch shape before timing. Then ``--rounds`` rounds each run every contestant's batches once, one
+contestant after the other, so that all see the same load on a shared machine; the figures are
+medians over rounds, speedups medians of per-round ratios.
 
 Printed per contestant: pairs/s; real tokens/s (the pairs' non-pad tokens, the same data for
 every layout); XLA's cost-analysis FLOPs per pair (mean over the batches); the padding share of
