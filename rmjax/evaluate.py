@@ -97,22 +97,28 @@ def pack_shared_prompt(rows: dict, row_len: int) -> list[score.Row]:
   return score.pack_rows(seqs, keys, row_len, "shared_prompt")
 
 
-def run_shared_prompt(forward, state, rows: dict, goal_D, *, batch_size: int, mesh, rules,
-                      desc: str, row_len: int = 0) -> dict:
-  """``run_sequences``' outputs (padding: ``q`` NaN, ``prefix_reward`` 0) from packed rows
-  (``pack_shared_prompt``) of at most ``row_len`` tokens (0: ``2 * L``, as training's
-  shared-prompt rows: a pair always fits). The rows, sorted by length, go ``batch_size`` per pass
-  at the bucket of each batch's longest (``score.bucket_length``; every row reads as many
-  positions as the fullest: one compiled shape per length), ``train.batch_outputs`` over the
-  batches of each length; then each sequence's values are read back from its row: the shared
-  positions, then its own part's."""
-  real_NxL = rows["mask"].astype(bool)
-  row_len = row_len or 2 * real_NxL.shape[1]
+def shared_prompt_batches(rows: dict, row_len: int, batch_size: int):
+  """``({length: rows}, reads)``: the packed rows (``pack_shared_prompt``) sorted by length, cut
+  ``batch_size`` per pass, each pass at the bucket of its longest (``score.bucket_length``) and
+  grouped by that length; every row reads as many positions as the fullest (one compiled shape
+  per length)."""
   packed, groups = sorted(pack_shared_prompt(rows, row_len), key=lambda r: len(r.ids)), {}
   for start in range(0, len(packed), batch_size):
     batch = packed[start:start + batch_size]
     groups.setdefault(score.bucket_length(len(batch[-1].ids), row_len), []).extend(batch)
-  n_reads, out = score.row_shape(packed, row_len)[1], {}
+  return groups, score.row_shape(packed, row_len)[1]
+
+
+def run_shared_prompt(forward, state, rows: dict, goal_D, *, batch_size: int, mesh, rules,
+                      desc: str, row_len: int = 0) -> dict:
+  """``run_sequences``' outputs (padding: ``q`` NaN, ``prefix_reward`` 0) from packed rows
+  (``pack_shared_prompt``) of at most ``row_len`` tokens (0: ``2 * L``, as training's
+  shared-prompt rows: a pair always fits), ``train.batch_outputs`` over the batches of each
+  length of ``shared_prompt_batches``; then each sequence's values are read back from its row:
+  the shared positions, then its own part's."""
+  real_NxL = rows["mask"].astype(bool)
+  row_len = row_len or 2 * real_NxL.shape[1]
+  (groups, n_reads), out = shared_prompt_batches(rows, row_len, batch_size), {}
   for length, group in tqdm(sorted(groups.items()), desc=desc):
     arrays = score.row_arrays(group, length, n_reads, 0)
     res = train.batch_outputs(lambda s, batch: forward(s, batch, goal_D), state,

@@ -100,7 +100,7 @@ def bench_evaluate(lines, source):
   """``--what=evaluate``: lines/s of ``rmjax.evaluate``'s forward in each layout."""
   import jax
 
-  from rmjax import evaluate, score, sharding
+  from rmjax import evaluate, sharding
   from rmjax.data.tokenizer import ByteTokenizer
   from tests.helpers import relative_errors
   c, graphdef, state, mesh = make_state()
@@ -109,13 +109,11 @@ def bench_evaluate(lines, source):
   forward = jax.jit(evaluate.make_forward(graphdef))
   goal_D = np.random.default_rng(0).standard_normal(c.model.dim).astype(np.float32)
   b, row_len = _BATCH.value, _ROW_LEN.value or 2 * c.data.max_len
-  packed = sorted(evaluate.pack_shared_prompt(rows, row_len), key=lambda r: len(r.ids))
+  groups = evaluate.shared_prompt_batches(rows, row_len, b)[0]
   held = {"sequences": (real_NxL.sum(), real_NxL.size),  # (tokens, token slots the model runs)
-          "shared_prompt": (sum(len(r.ids) for r in packed),
-                            sum(len(packed[i:i + b]) * score.bucket_length(
-                                len(packed[min(i + b, len(packed)) - 1].ids), row_len)
-                                for i in range(0, len(packed), b)))}
-  n_rows = {"sequences": len(lines), "shared_prompt": len(packed)}
+          "shared_prompt": (sum(len(r.ids) for g in groups.values() for r in g),
+                            sum(length * len(g) for length, g in groups.items()))}
+  n_rows = {"sequences": len(lines), "shared_prompt": sum(map(len, groups.values()))}
 
   def run(layout):
     t0 = time.perf_counter()

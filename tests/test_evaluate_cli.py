@@ -16,7 +16,7 @@ from absl import flags
 from ml_collections import config_flags
 from sklearn.metrics import roc_auc_score
 
-from rmjax import evaluate, score, sharding, train, train_state
+from rmjax import evaluate, sharding, train, train_state
 from rmjax.checkpoint import restore_state
 from rmjax.data import sources
 from rmjax.data.pipeline import encode_sequence
@@ -45,13 +45,9 @@ def tiny_run(tmp_path_factory):
 
 
 def row_shapes(rows: dict, row_len: int, batch_size: int) -> set[tuple[int, int]]:
-  """The (length, reads) ``run_shared_prompt`` runs ``rows`` at: rows of up to ``row_len`` sorted
-  by length, each batch at its longest's bucket; every row reads as many positions as the
-  fullest."""
-  packed = sorted(evaluate.pack_shared_prompt(rows, row_len), key=lambda r: len(r.ids))
-  n_reads = score.row_shape(packed, row_len)[1]
-  return {(score.bucket_length(len(packed[min(i + batch_size, len(packed)) - 1].ids), row_len),
-           n_reads) for i in range(0, len(packed), batch_size)}
+  """The (length, reads) ``run_shared_prompt`` runs ``rows`` at."""
+  groups, n_reads = evaluate.shared_prompt_batches(rows, row_len, batch_size)
+  return {(length, n_reads) for length in groups}
 
 
 def test_evaluate_matches_train_eval_and_compiles_once_per_row_shape(tiny_run, tmp_path, caplog):
